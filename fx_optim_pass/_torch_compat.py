@@ -1,0 +1,264 @@
+"""Every private PyTorch API the package touches, in one place.
+
+AOTAutograd and Inductor internals move between releases; the rest of the package
+imports them only from here, so a torch upgrade touches this file alone.
+Checked against torch 2.11 and 2.13.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = [
+    "CustomGraphPass",
+    "MUST_BE_IN_BACKWARD",
+    "accumulate_grad_node",
+    "compile_aot_eager",
+    "compile_inductor",
+    "detect_fake_mode",
+    "hooked_by_torch",
+    "input_index",
+    "grad_output_positions",
+    "copy_dynamo_graph",
+    "qualified_name_from_source",
+    "is_view_op",
+    "optimizer_step_as_if_compiling",
+    "parameter_source_name",
+    "trace_functional",
+]
+
+# The min-cut partitioner keeps nodes with this tag in the backward graph; without
+# it the write-backs are dropped as dead (parameters never change) or rejected.
+MUST_BE_IN_BACKWARD = "must_be_in_backward"
+
+
+def input_index(node: fx.Node) -> int | None:
+    """Index into the compiled function's inputs of a joint-graph placeholder."""
+    desc = node.meta.get("desc")
+    return desc.idx if isinstance(desc, PlainAOTInput) else None
+
+
+def grad_output_positions(output_node: fx.Node) -> dict[int, int]:
+    """Map input index -> position of its gradient in the joint graph's output."""
+    descs = output_node.meta.get("desc") or []
+    positions = {}
+    for position, desc in enumerate(descs):
+        if isinstance(desc, GradAOTOutput) and isinstance(desc.grad_of, PlainAOTInput):
+            positions[desc.grad_of.idx] = position
+    return positions
+
+
+def parameter_source_name(placeholder: fx.Node) -> str | None:
+    """Dynamo's source expression of a graph input, e.g. ``L['self']._modules['0']._parameters['w']``."""
+    source = getattr(placeholder.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    return name() if callable(name) else name  # a method before torch 2.12, a property since
+
+
+_MODULE_PATH_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)")
+
+
+def qualified_name_from_source(source_name: str) -> str:
+    """``L['self']._modules['0']._parameters['weight']`` -> ``0.weight``."""
+    parts = [a or b for a, b in _MODULE_PATH_PART.findall(source_name)]
+    return ".".join(parts)
+
+
+def copy_dynamo_graph(gm: fx.GraphModule, extra_inputs: Sequence[str]) -> fx.GraphModule:
+    """A copy of Dynamo's graph with placeholders ``extra_inputs`` appended.
+
+    Dynamo reads its own graph's placeholders after the backend returns, so it is
+    never mutated. AOTAutograd recognizes a Dynamo graph by ``meta`` and
+    ``_param_name_to_source`` and wants ``_dynamo_source`` on every placeholder;
+    ``None`` marks an input with no user-visible source.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    last_placeholder = None
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
+        if node.op == "placeholder":
+            env[node]._dynamo_source = getattr(node, "_dynamo_source", None)  # type: ignore[attr-defined]
+            last_placeholder = env[node]
+    for name in extra_inputs:
+        if last_placeholder is None:
+            last_placeholder = graph.placeholder(name)
+        else:
+            with graph.inserting_after(last_placeholder):
+                last_placeholder = graph.placeholder(name)
+        last_placeholder._dynamo_source = None  # type: ignore[attr-defined]
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source  # type: ignore[assignment]
+    return copy
+
+
+def detect_fake_mode(values: Sequence[Any]) -> Any:
+    from torch._guards import detect_fake_mode as _detect
+
+    return _detect(values)
+
+
+@contextlib.contextmanager
+def optimizer_step_as_if_compiling() -> Iterator[None]:
+    """Let torch.optim take the paths it takes under torch.compile.
+
+    With the flag set, optimizers keep ``step`` and tensor hyperparameters as
+    tensors instead of calling ``.item()``, and skip eager-only device checks.
+    """
+    import torch.compiler as compiler
+
+    old = compiler._is_compiling_flag
+    compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        compiler._is_compiling_flag = old
+
+
+def trace_functional(fn: Callable[..., Any], example_args: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """Trace ``fn`` to a functional aten graph (mutations of inputs become a ``copy_`` epilogue).
+
+    ``example_args`` are fake tensors of the joint graph's fake mode, so the traced
+    nodes carry ``meta["val"]`` from that same mode. Inductor's decomposition table
+    is required: without it Inductor sees both a fallback and a decomposition for
+    ops such as ``aten.lerp``.
+    """
+    from torch.func import functionalize
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fake_mode = next((a.fake_mode for a in example_args if isinstance(a, FakeTensor)), None)
+    ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    with ctx:
+        return make_fx(
+            functionalize(fn, remove="mutations_and_views"),
+            decomposition_table=select_decomp_table(),
+            tracing_mode="real" if fake_mode is not None else "fake",
+        )(*example_args)
+
+
+def is_view_op(node: fx.Node) -> bool:
+    """Whether ``node``'s output aliases its first input (a view in aten terms)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return node.target is torch.ops.aten.alias.default
+    alias_info = schema.returns[0].alias_info
+    return alias_info is not None and not alias_info.is_write
+
+
+# ---------------------------------------------------------------- compilation
+
+
+JointPass = Callable[[fx.Graph], None]
+GraphsObserver = Callable[[str, fx.GraphModule], None]
+
+
+def _boxed_nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    return boxed_nop(gm, list(example_inputs))
+
+
+def compile_aot_eager(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    joint_pass: JointPass,
+    observe: GraphsObserver,
+) -> Callable[..., Any]:
+    """AOTAutograd + min-cut partitioner + our joint pass, graphs run without Inductor."""
+
+    def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
+        joint_pass(joint.graph)
+        joint.recompile()
+        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
+    def compiler(kind: str) -> Callable[..., Any]:
+        def compile_graph(g: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+            observe(kind, g)
+            return _boxed_nop(g, inputs)
+
+        return compile_graph
+
+    backend = aot_autograd(
+        fw_compiler=compiler("forward"),
+        bw_compiler=compiler("backward"),
+        inference_compiler=compiler("inference"),
+        partition_fn=partition,
+        keep_inference_input_mutations=True,
+    )
+    return backend(gm, example_inputs)
+
+
+def compile_inductor(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    joint_pass: CustomGraphPass,
+    observe: GraphsObserver,
+) -> Callable[..., Any]:
+    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    user_pass = config.joint_custom_post_pass
+    chained = joint_pass if user_pass is None else _ChainedPass(user_pass, joint_pass)
+
+    def inner_compile(g: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
+        observe("backward" if kwargs.get("is_backward") else "forward", g)
+        return compile_fx_inner(g, inputs, **kwargs)
+
+    with config.patch(joint_custom_post_pass=chained):
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+
+class _ChainedPass(CustomGraphPass):
+    """Run a user's joint pass first, then ours; cache key covers both."""
+
+    def __init__(self, first: Any, second: CustomGraphPass) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.first(graph)
+        self.second(graph)
+
+    def uuid(self) -> Any:
+        first_uuid = self.first.uuid() if hasattr(self.first, "uuid") else None
+        return (first_uuid, self.second.uuid())
+
+
+# ---------------------------------------------------------------- autograd glue
+
+
+@functools.cache
+def _torch_hook_map() -> Any:
+    """PyTorch's own map of parameters whose in-backward optimizers have hooks."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.optim import apply_optimizer_in_backward as torch_impl
+
+    return torch_impl.param_to_optim_hook_handle_map
+
+
+def hooked_by_torch(param: torch.Tensor) -> bool:
+    """Whether PyTorch's ``_apply_optimizer_in_backward`` registered a hook for ``param``."""
+    hook_map = _torch_hook_map()
+    return hook_map is not None and param in hook_map
+
+
+def accumulate_grad_node(param: torch.Tensor) -> Any:
+    """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on)."""
+    return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]

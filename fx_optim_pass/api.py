@@ -1,0 +1,122 @@
+"""The drop-in for ``torch.distributed.optim._apply_optimizer_in_backward``.
+
+Same signature, same attributes on each parameter (``_in_backward_optimizers``,
+``_optimizer_classes``, ``_optimizer_kwargs``), same eager behaviour: a hook on the
+parameter's AccumulateGrad node steps its optimizers and drops the gradient.
+Compiled with the ``fx_optim`` backend, the same optimizers step inside the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from fx_optim_pass import _torch_compat
+from fx_optim_pass.optim_lowering import check_supported_optimizer
+
+__all__ = ["apply_optimizer_in_backward", "get_in_backward_optimizers", "updates_in_backward"]
+
+# Weak maps, as in PyTorch's implementation: metadata must not keep parameters
+# alive nor be serialized with them.
+_accumulate_grad_nodes = WeakTensorKeyDictionary()
+_hook_handles = WeakTensorKeyDictionary()
+
+
+def apply_optimizer_in_backward(
+    optimizer_class: type[torch.optim.Optimizer],
+    params: Iterable[torch.nn.Parameter],
+    optimizer_kwargs: dict[str, Any],
+    register_hook: bool = True,
+) -> None:
+    """Give each parameter its own ``optimizer_class`` optimizer, stepped during backward.
+
+    Uncompiled, an AccumulateGrad hook steps the parameter's optimizers as soon as
+    its gradient is ready, then sets ``p.grad = None`` (PyTorch's behaviour).
+    Under ``torch.compile(model, backend="fx_optim")`` the same optimizers step
+    inside the compiled backward and ``p.grad`` is never materialized.
+
+    Example::
+
+        >>> import torch, fx_optim_pass as fop
+        >>> model = torch.nn.Linear(4, 2)
+        >>> fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+        >>> model(torch.randn(3, 4)).sum().backward()   # parameters are updated here
+        >>> model.weight.grad is None
+        True
+    """
+    check_supported_optimizer(optimizer_class, optimizer_kwargs)
+    params = list(params)
+    for param in params:
+        if not isinstance(param, torch.Tensor) or not param.is_leaf:
+            raise TypeError(
+                f"apply_optimizer_in_backward: expected leaf parameters, got {type(param).__name__}"
+                f"{'' if not isinstance(param, torch.Tensor) else ' (not a leaf)'}; pass model.parameters()."
+            )
+    for param in params:
+        _apply_to_param(optimizer_class, param, optimizer_kwargs, register_hook)
+
+
+def _apply_to_param(
+    optimizer_class: type[torch.optim.Optimizer],
+    param: torch.nn.Parameter,
+    optimizer_kwargs: dict[str, Any],
+    register_hook: bool,
+) -> None:
+    optimizer = optimizer_class([param], **optimizer_kwargs)
+    if not hasattr(param, "_in_backward_optimizers"):
+        param._in_backward_optimizers = []  # type: ignore[attr-defined]
+        param._optimizer_classes = []  # type: ignore[attr-defined]
+        param._optimizer_kwargs = []  # type: ignore[attr-defined]
+    param._in_backward_optimizers.append(optimizer)  # type: ignore[attr-defined]
+    param._optimizer_classes.append(optimizer_class)  # type: ignore[attr-defined]
+    param._optimizer_kwargs.append(optimizer_kwargs)  # type: ignore[attr-defined]
+
+    # One hook steps every optimizer of the parameter, so one hook per parameter
+    # suffices (PyTorch registers one per call; the later ones find no gradient).
+    if not register_hook or param in _hook_handles:
+        return
+    if param not in _accumulate_grad_nodes:
+        _accumulate_grad_nodes[param] = _torch_compat.accumulate_grad_node(param)
+
+    def step_in_backward(*_unused: Any) -> None:
+        # Compiled backward updates in the graph and leaves no gradient here:
+        # stepping again would be a second update (a no-op for torch.optim, but
+        # not necessarily for a user's optimizer).
+        if param.grad is None:
+            return
+        for opt in param._in_backward_optimizers:  # type: ignore[attr-defined]
+            opt.step()
+        param.grad = None
+
+    _hook_handles[param] = _accumulate_grad_nodes[param].register_hook(step_in_backward)
+
+
+def updates_in_backward(param: torch.Tensor) -> bool:
+    """Whether ``param`` has in-backward optimizers whose step runs during backward.
+
+    True for parameters set up with ``register_hook=True`` by this package or by
+    PyTorch's ``_apply_optimizer_in_backward``.
+    """
+    if not getattr(param, "_in_backward_optimizers", None):
+        return False
+    return param in _hook_handles or _torch_compat.hooked_by_torch(param)
+
+
+def get_in_backward_optimizers(module: torch.nn.Module) -> list[torch.optim.Optimizer]:
+    """The in-backward optimizers of ``module``'s parameters, for checkpointing.
+
+    Example::
+
+        >>> import torch, fx_optim_pass as fop
+        >>> model = torch.nn.Linear(4, 2)
+        >>> fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+        >>> [type(o).__name__ for o in fop.get_in_backward_optimizers(model)]
+        ['SGD', 'SGD']
+    """
+    optimizers: list[torch.optim.Optimizer] = []
+    for param in module.parameters():
+        optimizers.extend(getattr(param, "_in_backward_optimizers", []))
+    return optimizers

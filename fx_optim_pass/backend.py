@@ -1,0 +1,227 @@
+"""The ``fx_optim`` torch.compile backend: Dynamo graph in, compiled training step out.
+
+1. Plan: which graph inputs are parameters with in-backward optimizers.
+2. Append graph inputs for each optimizer's ``lr`` and state tensors.
+3. Compile through AOTAutograd (Inductor or plain) with the joint-graph pass
+   ``insert_optimizer_updates``.
+4. At every call, append the current ``lr`` and state tensors, looked up from the
+   parameters actually passed in, so schedulers, ``load_state_dict`` and a second
+   model instance are honoured.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from fx_optim_pass import _torch_compat
+from fx_optim_pass.api import updates_in_backward
+from fx_optim_pass.optim_lowering import (
+    OptimizerStep,
+    baked_hyperparameters,
+    describe_step,
+    initialize_state,
+)
+from fx_optim_pass.passes import insert_optimizer_updates
+from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
+
+__all__ = ["backend", "make_backend", "GraphObserver", "OptimizerChangedError"]
+
+Compiler = Literal["inductor", "aot_eager"]
+GraphObserver = Callable[[str, fx.GraphModule], None]
+"""Called with ("joint_before" | "joint" | "forward" | "backward" | "inference", graph)."""
+
+
+class OptimizerChangedError(RuntimeError):
+    """An in-backward optimizer changed in a way the compiled graph cannot honour."""
+
+
+def make_backend(*, compiler: Compiler = "inductor", observer: GraphObserver | None = None) -> Callable[..., Any]:
+    """A torch.compile backend that runs in-backward optimizers inside the compiled backward.
+
+    ``compiler="inductor"`` generates fused kernels; ``"aot_eager"`` runs the same
+    rewritten graphs op by op (cheap, for tests and debugging). ``observer`` sees
+    every graph the backend produces (for inspection and golden tests).
+
+    Example::
+
+        >>> import torch, fx_optim_pass as fop
+        >>> model = torch.nn.Linear(4, 2)
+        >>> fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+        >>> compiled = torch.compile(model, backend=fop.make_backend(compiler="aot_eager"))
+        >>> compiled(torch.randn(3, 4)).sum().backward()
+        >>> model.weight.grad is None
+        True
+    """
+    if compiler not in ("inductor", "aot_eager"):
+        raise ValueError(f"make_backend: compiler must be 'inductor' or 'aot_eager', got {compiler!r}")
+
+    def fx_optim_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return _compile(gm, example_inputs, compiler, observer or _ignore)
+
+    fx_optim_backend.__name__ = f"fx_optim_{compiler}"
+    return fx_optim_backend
+
+
+def _ignore(kind: str, gm: fx.GraphModule) -> None:
+    pass
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: Compiler, observe: GraphObserver) -> Callable[..., Any]:
+    plan = build_plan(gm, example_inputs) if torch.is_grad_enabled() else UpdatePlan((), len(example_inputs))
+    runtime_inputs = RuntimeInputs(plan)
+    extra_names = [
+        f"{step.op_name}_{key}__{node_safe_name(p.name)}"
+        for p in plan.params
+        for step in p.steps
+        for key in ("lr", *step.state_keys, *(c.key for c in step.created), *(["state_exists"] if step.created else []))
+    ]
+    graph = _torch_compat.copy_dynamo_graph(gm, extra_names)
+    example = [*example_inputs, *runtime_inputs(example_inputs, for_compile=True)]
+    joint_pass = JointPass(plan, observe)
+    if compiler == "inductor":
+        compiled = _torch_compat.compile_inductor(graph, example, joint_pass, observe)
+    else:
+        compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)
+    if not plan.params:
+        return compiled
+
+    def run_with_optimizer_inputs(*args: Any) -> Any:
+        return compiled(*args, *runtime_inputs(args))
+
+    return run_with_optimizer_inputs
+
+
+def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> UpdatePlan:
+    """Find the parameters with in-backward optimizers among the graph's inputs."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    next_input = len(example_inputs)
+    params = []
+    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not (isinstance(value, torch.Tensor) and value.requires_grad and updates_in_backward(value)):
+            continue
+        source = _torch_compat.parameter_source_name(node)
+        name = _torch_compat.qualified_name_from_source(source) if source else node.name
+        steps = tuple(describe_step(opt, value, name) for opt in value._in_backward_optimizers)  # type: ignore[attr-defined]
+        step_inputs = []
+        for step in steps:
+            step_inputs.append(tuple(range(next_input, next_input + step.num_inputs)))
+            next_input += step.num_inputs
+        params.append(ParamUpdate(index, name or node.name, steps, tuple(step_inputs)))
+    return UpdatePlan(tuple(params), len(example_inputs))
+
+
+class JointPass(_torch_compat.CustomGraphPass):
+    """``insert_optimizer_updates`` as an Inductor joint-graph pass (also used for aot_eager)."""
+
+    def __init__(self, plan: UpdatePlan, observe: GraphObserver) -> None:
+        self.plan, self.observe = plan, observe
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if not self.plan.params:
+            return
+        owner = graph.owning_module or torch.nn.Module()
+        self.observe("joint_before", fx.GraphModule(owner, _copy(graph)))
+        insert_optimizer_updates(graph, self.plan)
+        self.observe("joint", fx.GraphModule(owner, _copy(graph)))
+
+    def uuid(self) -> str:
+        return self.plan.cache_key()
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph()
+    copy.graph_copy(graph, {}, return_output_node=False)
+    output = graph.output_node()
+    env = {n: c for n, c in zip(graph.nodes, copy.nodes)}
+    copy.output(fx.map_arg(output.args[0], env.__getitem__))
+    return copy
+
+
+class RuntimeInputs:
+    """The optimizer tensors appended to the graph's inputs at every call."""
+
+    def __init__(self, plan: UpdatePlan) -> None:
+        self.plan = plan
+        self._lr_tensors: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[float, torch.Tensor]] = weakref.WeakKeyDictionary()
+        self._flags: dict[tuple[torch.device, bool], torch.Tensor] = {}
+
+    def __call__(self, args: Sequence[Any], *, for_compile: bool = False) -> list[torch.Tensor]:
+        inputs: list[torch.Tensor] = []
+        for param_update in self.plan.params:
+            param = args[param_update.input_index]
+            optimizers = getattr(param, "_in_backward_optimizers", [])
+            self._check_unchanged(param_update, optimizers)
+            for step, optimizer in zip(param_update.steps, optimizers):
+                inputs.extend(self._step_inputs(step, optimizer, param, for_compile))
+        return inputs
+
+    def _check_unchanged(self, param_update: ParamUpdate, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        compiled = [(s.optimizer_class, s.hyperparameters) for s in param_update.steps]
+        current = [(type(o), baked_hyperparameters(o)) for o in optimizers]
+        if compiled != current:
+            raise OptimizerChangedError(
+                f"The in-backward optimizers of parameter {param_update.name!r} changed after compiling "
+                f"(compiled for {_describe(compiled)}, now {_describe(current)}). Only 'lr' is read at run time; "
+                "call torch._dynamo.reset() and compile again after changing other settings."
+            )
+
+    def _step_inputs(self, step: OptimizerStep, optimizer: torch.optim.Optimizer, param: torch.Tensor, for_compile: bool) -> list[torch.Tensor]:
+        initialize_state(optimizer, param)
+        state = optimizer.state[param]
+        inputs = [self._lr(optimizer, param.device), *(state[key] for key in step.state_keys)]
+        if not step.created:
+            return inputs
+        if all(c.key in state for c in step.created):
+            return [*inputs, *(state[c.key] for c in step.created), self._flag(param.device, True)]
+        buffers = {c.key: torch.empty(c.shape, dtype=c.dtype, device=param.device) for c in step.created}
+        if not for_compile:
+            _install_after_backward(optimizer, param, buffers)
+        return [*inputs, *buffers.values(), self._flag(param.device, False)]
+
+    def _lr(self, optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+        lr = optimizer.param_groups[0]["lr"]
+        if isinstance(lr, torch.Tensor):
+            return lr
+        cached = self._lr_tensors.get(optimizer)
+        if cached is None or cached[0] != lr or cached[1].device != device:
+            # A new tensor, never an in-place fill: a graph still waiting for its
+            # backward keeps the lr it was called with.
+            cached = (lr, torch.tensor(lr, dtype=torch.float32, device=device))
+            self._lr_tensors[optimizer] = cached
+        return cached[1]
+
+    def _flag(self, device: torch.device, value: bool) -> torch.Tensor:
+        key = (device, value)
+        if key not in self._flags:
+            self._flags[key] = torch.tensor(value, device=device)
+        return self._flags[key]
+
+
+def _describe(steps: Sequence[tuple[type, Any]]) -> str:
+    return ", ".join(f"{cls.__name__}({dict(h) if h else ''})" for cls, h in steps) or "no optimizer"
+
+
+def _install_after_backward(optimizer: torch.optim.Optimizer, param: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+    """Put state that the first compiled step creates into ``optimizer.state`` once the
+    backward has filled it (the AccumulateGrad hook fires after the compiled backward,
+    even though it leaves no gradient)."""
+    node = _torch_compat.accumulate_grad_node(param)
+    handle = None
+
+    def install(*_unused: Any) -> None:
+        state = optimizer.state[param]
+        for key, buffer in buffers.items():
+            state.setdefault(key, buffer)
+        handle.remove()  # type: ignore[union-attr]
+        node  # noqa: B018 keep the node alive until the backward ran
+
+    handle = node.register_hook(install)
+
+
+backend = make_backend(compiler="inductor")
+"""The default ``fx_optim`` backend (Inductor)."""

@@ -1,0 +1,291 @@
+"""Optimizer updates traced from PyTorch's own ``torch.optim`` code.
+
+Nothing here restates optimizer math. For one (optimizer, parameter) pair we run
+the optimizer's real ``step()`` on a shadow copy whose parameter, gradient, state
+and ``lr`` are the tensors we hand it, and trace what it does. Parity with eager
+``torch.optim`` follows from running the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fx_optim_pass import _torch_compat
+
+__all__ = [
+    "OptimizerStep",
+    "UnsupportedOptimizerError",
+    "check_supported_optimizer",
+    "initialize_state",
+    "describe_step",
+]
+
+# Group keys that only say how torch runs the math, not what it computes; the
+# traced shadow overrides them so the step stays tensor-only and traceable.
+_TRACE_FLAGS = {"foreach": True, "fused": None, "capturable": True, "differentiable": False}
+# Group keys read at run time rather than baked into the graph.
+RUNTIME_HYPERPARAMETERS = ("lr",)
+_IGNORED_GROUP_KEYS = {"params", "initial_lr", *RUNTIME_HYPERPARAMETERS}
+
+_UNTRACEABLE = {
+    "LBFGS": "it needs a closure that re-evaluates the model",
+    "SparseAdam": "it needs sparse gradients, which compiled graphs do not produce",
+}
+
+
+class UnsupportedOptimizerError(TypeError):
+    """An optimizer whose update cannot run inside a compiled backward."""
+
+
+def check_supported_optimizer(optimizer_class: type, optimizer_kwargs: dict[str, Any]) -> None:
+    """Reject, before any parameter changes, optimizers that cannot be traced."""
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise UnsupportedOptimizerError(
+            f"apply_optimizer_in_backward: {optimizer_class!r} is not a torch.optim.Optimizer subclass; "
+            "pass the class itself, e.g. torch.optim.AdamW."
+        )
+    reason = _UNTRACEABLE.get(optimizer_class.__name__)
+    if reason is not None and optimizer_class.__module__.startswith("torch.optim"):
+        raise UnsupportedOptimizerError(
+            f"{optimizer_class.__name__} cannot run in the backward pass: {reason}. "
+            "Use a per-parameter optimizer such as torch.optim.SGD, Adam or AdamW, "
+            "or keep this optimizer's ordinary optimizer.step()."
+        )
+
+
+class _StopAfterInit(Exception):
+    pass
+
+
+def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+    """Create ``optimizer.state[param]`` exactly as torch's first ``step()`` would.
+
+    Runs the optimizer's own ``step()`` up to the end of its ``_init_group`` (the
+    method where every torch.optim optimizer creates its state) and stops there,
+    so keys, dtypes, devices and initial values are torch's. State that torch
+    creates later, inside the update itself (SGD's ``momentum_buffer``), is
+    created by the traced update instead.
+    """
+    if optimizer.state.get(param) or not hasattr(optimizer, "_init_group"):
+        return
+    init_group = optimizer._init_group
+
+    def init_then_stop(*args: Any, **kwargs: Any) -> Any:
+        init_group(*args, **kwargs)
+        raise _StopAfterInit
+
+    saved_grad = param.grad
+    param.grad = torch.zeros_like(param)
+    optimizer._init_group = init_then_stop  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            optimizer.step()
+    except _StopAfterInit:
+        pass
+    finally:
+        del optimizer._init_group
+        param.grad = saved_grad
+
+
+def _shadow_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """A copy of ``optimizer`` that shares nothing mutable with it and runs no user hooks."""
+    shadow = object.__new__(type(optimizer))
+    shadow.__dict__.update(optimizer.__dict__)
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    for key, value in _TRACE_FLAGS.items():
+        if key in group:
+            group[key] = value
+    group["params"] = []
+    shadow.param_groups = [group]
+    shadow.state = defaultdict(dict)
+    shadow.defaults = copy.copy(optimizer.defaults)
+    for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        if hasattr(shadow, hooks):
+            setattr(shadow, hooks, OrderedDict())
+    return shadow
+
+
+def baked_hyperparameters(optimizer: torch.optim.Optimizer) -> tuple[tuple[str, Any], ...]:
+    """The param-group values compiled into the graph (everything but ``lr``)."""
+    group = optimizer.param_groups[0]
+    return tuple(sorted((k, repr(v)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS))
+
+
+@dataclass(frozen=True)
+class CreatedState:
+    """A state tensor torch creates inside the update on the first step."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class OptimizerStep:
+    """How one optimizer of one parameter runs in the graph.
+
+    Graph inputs, in order: ``lr``, then the state tensors ``state_keys`` (created
+    by ``initialize_state``), then for ``created`` state one buffer each plus a
+    0-d bool "state already exists" flag.
+    """
+
+    optimizer_class: type[torch.optim.Optimizer]
+    hyperparameters: tuple[tuple[str, Any], ...]
+    state_keys: tuple[str, ...]
+    created: tuple[CreatedState, ...]
+    shadow: torch.optim.Optimizer = field(compare=False, repr=False)
+
+    @property
+    def num_inputs(self) -> int:
+        return len(RUNTIME_HYPERPARAMETERS) + len(self.state_keys) + len(self.created) + bool(self.created)
+
+    @property
+    def op_name(self) -> str:
+        return self.optimizer_class.__name__.lower()
+
+    def step_function(self) -> Callable[..., None]:
+        """A function ``(param, grad, lr, *state, *created, [exists]) -> None`` that
+        mutates its inputs exactly as torch's ``step()`` would."""
+        shadow, state_keys = self.shadow, self.state_keys
+        created_keys = tuple(c.key for c in self.created)
+
+        def run_step(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, state: dict[str, Any]) -> None:
+            shadow.param_groups[0]["params"] = [param]
+            shadow.param_groups[0]["lr"] = lr
+            shadow.state = defaultdict(dict, {param: state})
+            param.grad = grad
+            try:
+                with _torch_compat.optimizer_step_as_if_compiling():
+                    shadow.step()
+            finally:
+                param.grad = None
+                shadow.param_groups[0]["params"] = []
+                shadow.state = defaultdict(dict)
+
+        def update(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
+            state = dict(zip(state_keys, tensors[: len(state_keys)]))
+            if not created_keys:
+                run_step(param, grad, lr, state)
+                return
+            created = tensors[len(state_keys) : len(state_keys) + len(created_keys)]
+            exists = tensors[-1]
+            # Torch's first step takes another path (SGD: buffer = grad, not the
+            # damped average). Trace both from torch's code and select per step.
+            first_param, first_state = param.clone(), {k: v.clone() for k, v in state.items()}
+            run_step(first_param, grad, lr, first_state)
+            later_param = param.clone()
+            later_state = {k: v.clone() for k, v in state.items()}
+            later_state.update({k: buf.clone() for k, buf in zip(created_keys, created)})
+            run_step(later_param, grad, lr, later_state)
+            param.copy_(torch.where(exists, later_param, first_param))
+            for key, tensor in [*state.items(), *zip(created_keys, created)]:
+                tensor.copy_(torch.where(exists, later_state[key], first_state[key]))
+
+        return update
+
+
+def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str) -> OptimizerStep:
+    """Work out, on fake tensors, which state the update reads and creates, and check it traces.
+
+    Raises a clear error naming the optimizer and parameter when torch's step
+    cannot be traced into a graph; nothing real is touched.
+    """
+    name = type(optimizer).__name__
+    if len(optimizer.param_groups) != 1 or len(optimizer.param_groups[0]["params"]) != 1:
+        raise UnsupportedOptimizerError(
+            f"{name} on parameter {param_name!r}: in-backward optimizers hold exactly one parameter; "
+            "set them up with fx_optim_pass.apply_optimizer_in_backward."
+        )
+    shadow = _shadow_optimizer(optimizer)
+    fake_mode = FakeTensorMode()
+    fake_param = fake_mode.from_tensor(param.detach())
+    with fake_mode:
+        fake_lr = torch.empty((), dtype=torch.float32)
+    init_shadow = _shadow_optimizer(optimizer)
+    init_shadow.param_groups[0]["params"] = [fake_param]
+    with fake_mode:
+        initialize_state(init_shadow, fake_param)
+    state = dict(init_shadow.state.get(fake_param, {}))
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedOptimizerError(
+                f"{name} on parameter {param_name!r}: state {key!r} is a {type(value).__name__}, "
+                "not a tensor, so it cannot live in the compiled graph."
+            )
+    state_keys = tuple(state)
+    spec = OptimizerStep(type(optimizer), baked_hyperparameters(optimizer), state_keys, (), shadow)
+
+    # Trace once with the initial state only, to learn which keys the step creates.
+    after: dict[str, torch.Tensor] = {}
+
+    def probe(p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
+        st = dict(zip(state_keys, tensors))
+        shadow.param_groups[0]["params"] = [p]
+        shadow.param_groups[0]["lr"] = lr
+        shadow.state = defaultdict(dict, {p: st})
+        p.grad = g
+        try:
+            with _torch_compat.optimizer_step_as_if_compiling():
+                shadow.step()
+        finally:
+            p.grad = None
+            shadow.param_groups[0]["params"] = []
+            shadow.state = defaultdict(dict)
+        after.update(st)
+
+    with fake_mode:
+        grad = torch.empty_like(fake_param)
+    graph = _trace_checked(probe, [fake_param, grad, fake_lr, *state.values()], name, param_name)
+    del graph
+    created = tuple(
+        CreatedState(key, tuple(value.shape), value.dtype)
+        for key, value in after.items()
+        if key not in state and isinstance(value, torch.Tensor)
+    )
+    return OptimizerStep(spec.optimizer_class, spec.hyperparameters, state_keys, created, shadow)
+
+
+def _trace_checked(fn: Callable[..., None], args: Sequence[torch.Tensor], name: str, param_name: str) -> fx.GraphModule:
+    try:
+        graph = _torch_compat.trace_functional(fn, args)
+    except Exception as error:
+        raise UnsupportedOptimizerError(
+            f"{name}.step() on parameter {param_name!r} cannot be traced into the compiled backward "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            "Use a torch.optim optimizer whose update is tensor-only, or leave this parameter out "
+            "of apply_optimizer_in_backward."
+        ) from error
+    check_tensor_only(graph, name, param_name)
+    return graph
+
+
+def check_tensor_only(graph: fx.GraphModule, name: str, param_name: str) -> None:
+    """Refuse updates that read a tensor as a Python number: the value would be baked in."""
+    for node in graph.graph.nodes:
+        if node.target is torch.ops.aten._local_scalar_dense.default:
+            raise UnsupportedOptimizerError(
+                f"{name}.step() on parameter {param_name!r} reads a tensor as a Python number "
+                "(.item()); its value would be frozen into the compiled graph. "
+                "Use an optimizer configuration whose update stays in tensors."
+            )
+
+
+def trace_step(step: OptimizerStep, example_args: Sequence[torch.Tensor], param_name: str) -> fx.GraphModule:
+    """The traced update of ``step`` on the joint graph's fake values, profiler ops removed."""
+    graph = _trace_checked(step.step_function(), example_args, step.optimizer_class.__name__, param_name)
+    for node in reversed(list(graph.graph.nodes)):
+        if getattr(node.target, "namespace", None) == "profiler" or (
+            node.op == "call_function" and "profiler" in str(node.target) and not node.users
+        ):
+            graph.graph.erase_node(node)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return graph

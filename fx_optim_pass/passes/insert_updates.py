@@ -1,0 +1,162 @@
+"""Insert each parameter's optimizer update right after its gradient in the joint graph.
+
+Before (joint graph, SGD on ``0.weight``)::
+
+    mm_1 = aten.mm(permute_1, primals_3)           # gradient of 0.weight
+    return [addmm, mm_1, ...]
+
+After::
+
+    mm_1 = aten.mm(permute_1, primals_3)
+    sgd_update__0_weight = aten.neg(primals_6)     # traced from torch.optim.SGD.step
+    ...
+    write__0_weight = aten.copy_(primals_1, sgd_update__0_weight_3)
+    return [addmm, None, ...]                       # autograd receives no gradient
+
+Every inserted node carries ``partitioner_tag = "must_be_in_backward"`` so the
+min-cut partitioner keeps it in the backward graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from fx_optim_pass import _torch_compat
+from fx_optim_pass.optim_lowering import OptimizerStep, trace_step
+from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
+
+__all__ = ["insert_optimizer_updates", "PASS_META_KEY"]
+
+# node.meta[PASS_META_KEY] = (parameter name, role); roles: "update", "write_state", "write_param".
+PASS_META_KEY = "fx_optim_pass"
+
+
+def insert_optimizer_updates(graph: fx.Graph, plan: UpdatePlan) -> int:
+    """Rewrite a joint graph so each planned parameter is updated in the backward; returns how many."""
+    output = graph.output_node()
+    grad_positions = _torch_compat.grad_output_positions(output)
+    if not grad_positions:  # an inference graph: nothing to update
+        return 0
+    placeholders = {
+        _torch_compat.input_index(node): node for node in graph.find_nodes(op="placeholder")
+    }
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    outputs = list(output.args[0])  # type: ignore[arg-type]
+    updated = 0
+    for param_update in plan.params:
+        position = grad_positions.get(param_update.input_index)
+        grad = outputs[position] if position is not None else None
+        if grad is None:  # the output does not depend on this parameter
+            continue
+        _insert_param_update(graph, param_update, placeholders, grad, order)
+        outputs[position] = None  # type: ignore[index]
+        updated += 1
+    output.args = (type(output.args[0])(outputs),)  # type: ignore[arg-type, call-arg]
+    graph.lint()
+    return updated
+
+
+def _insert_param_update(
+    graph: fx.Graph,
+    param_update: ParamUpdate,
+    placeholders: dict[int | None, fx.Node],
+    grad: fx.Node,
+    order: dict[fx.Node, int],
+) -> None:
+    param = placeholders[param_update.input_index]
+    name = node_safe_name(param_update.name)
+    cursor = grad if grad.op != "placeholder" else list(graph.find_nodes(op="placeholder"))[-1]
+    current = {"param": param, "grad": grad}
+    for step, input_indices in zip(param_update.steps, param_update.step_inputs):
+        extras = [placeholders[i] for i in input_indices]
+        traced = trace_step(step, [_val(current["param"]), _val(current["grad"]), *map(_val, extras)], param_update.name)
+        new_values, cursor = _inline(graph, traced, [current["param"], current["grad"], *extras], cursor, f"{step.op_name}_update__{name}", param_update.name)
+        current["param"] = new_values.get(0, current["param"])
+        current["grad"] = new_values.get(1, current["grad"])
+        for slot, key in enumerate(_input_names(step)):
+            if slot + 2 in new_values:
+                cursor = _write(graph, cursor, extras[slot], new_values[slot + 2], f"{step.op_name}_write_{key}__{name}", (param_update.name, "write_state"))
+    if current["param"] is param:
+        return
+    last_reader = max(_readers(param), key=order.__getitem__, default=None)
+    if last_reader is not None and order[last_reader] > order.get(grad, -1):
+        # The parameter is still read after its gradient (e.g. the gradient of the
+        # layer input, mm(grad_out, weight)): those reads must see the old value.
+        cursor = last_reader
+    _write(graph, cursor, param, current["param"], f"write__{name}", (param_update.name, "write_param"))
+
+
+def _input_names(step: OptimizerStep) -> list[str]:
+    names = ["lr", *step.state_keys, *(c.key for c in step.created)]
+    return names + (["state_exists"] if step.created else [])
+
+
+def _val(node: fx.Node) -> torch.Tensor:
+    return node.meta["val"]
+
+
+def _readers(param: fx.Node) -> Iterable[fx.Node]:
+    """Original-graph nodes reading ``param`` directly or through a view of it."""
+    seen, frontier = set(), [param]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen or PASS_META_KEY in user.meta:
+                continue
+            seen.add(user)
+            if _torch_compat.is_view_op(user):
+                frontier.append(user)
+    return [n for n in seen if n.op != "output"]
+
+
+def _inline(
+    graph: fx.Graph,
+    traced: fx.GraphModule,
+    inputs: Sequence[fx.Node],
+    cursor: fx.Node,
+    node_name: str,
+    param_name: str,
+) -> tuple[dict[int, fx.Node], fx.Node]:
+    """Copy ``traced``'s computation after ``cursor``; return {input slot: new value} and the new cursor."""
+    env: dict[fx.Node, fx.Node] = {}
+    traced_placeholders = list(traced.graph.find_nodes(op="placeholder"))
+    slot_of = {p: i for i, p in enumerate(traced_placeholders)}
+    env.update(zip(traced_placeholders, inputs))
+    new_values: dict[int, fx.Node] = {}
+    for node in traced.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.target is torch.ops.aten.copy_.default and node.args[0] in slot_of:
+            # functionalize's epilogue: "input k now holds this value"
+            new_values[slot_of[node.args[0]]] = env[node.args[1]]  # type: ignore[index]
+            continue
+        with graph.inserting_after(cursor):
+            new = graph.create_node(
+                node.op,
+                node.target,
+                fx.map_arg(node.args, env.__getitem__),
+                fx.map_arg(node.kwargs, env.__getitem__),
+                name=node_name,
+            )
+        new.meta = {
+            "val": node.meta.get("val"),
+            "partitioner_tag": _torch_compat.MUST_BE_IN_BACKWARD,
+            PASS_META_KEY: (param_name, "update"),
+        }
+        env[node] = new
+        cursor = new
+    return new_values, cursor
+
+
+def _write(graph: fx.Graph, cursor: fx.Node, target: fx.Node, value: fx.Node, name: str, tag: tuple[str, str]) -> fx.Node:
+    with graph.inserting_after(cursor):
+        node = graph.create_node("call_function", torch.ops.aten.copy_.default, (target, value), name=name)
+    node.meta = {
+        "val": target.meta["val"],
+        "partitioner_tag": _torch_compat.MUST_BE_IN_BACKWARD,
+        PASS_META_KEY: tag,
+    }
+    return node

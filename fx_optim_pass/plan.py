@@ -1,0 +1,47 @@
+"""What the pass will do to a graph: which inputs are parameters to update, and how."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from fx_optim_pass.optim_lowering import OptimizerStep
+
+__all__ = ["ParamUpdate", "UpdatePlan", "node_safe_name"]
+
+
+def node_safe_name(qualified_name: str) -> str:
+    """``layers.0.weight`` -> ``layers_0_weight``, usable inside FX node names."""
+    return re.sub(r"\W", "_", qualified_name)
+
+
+@dataclass(frozen=True)
+class ParamUpdate:
+    """One parameter, updated in the backward by its optimizers in registration order.
+
+    ``input_index`` is its position among the compiled function's inputs;
+    ``step_inputs[k]`` are the input positions of optimizer ``k``'s ``lr`` and
+    state tensors (see ``OptimizerStep``).
+    """
+
+    input_index: int
+    name: str
+    steps: tuple[OptimizerStep, ...]
+    step_inputs: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    params: tuple[ParamUpdate, ...]
+    num_user_inputs: int
+
+    def cache_key(self) -> str:
+        """Everything that changes the rewritten graph, for Inductor's FX graph cache."""
+        parts = [str(self.num_user_inputs)]
+        for p in self.params:
+            parts.append(f"{p.input_index}:{p.name}:{p.step_inputs}")
+            for s in p.steps:
+                cls = s.optimizer_class
+                parts.append(f"{cls.__module__}.{cls.__qualname__}:{s.hyperparameters}:{s.state_keys}:{s.created}")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
