@@ -33,6 +33,7 @@ __all__ = [
     "input_index",
     "grad_output_positions",
     "copy_dynamo_graph",
+    "normalize_gm",
     "qualified_name_from_source",
     "is_view_op",
     "optimizer_step_as_if_compiling",
@@ -159,6 +160,13 @@ def is_view_op(node: fx.Node) -> bool:
         return node.target is torch.ops.aten.alias.default
     alias_info = schema.returns[0].alias_info
     return alias_info is not None and not alias_info.is_write
+
+
+def normalize_gm(text: str) -> str:
+    """PyTorch's own normalization of printed graphs for goldens (drops comments and blank runs)."""
+    from torch._dynamo.testing import normalize_gm as _normalize_gm
+
+    return _normalize_gm(text)
 
 
 # ---------------------------------------------------------------- compilation

@@ -72,15 +72,40 @@ def _ignore(kind: str, gm: fx.GraphModule) -> None:
 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: Compiler, observe: GraphObserver) -> Callable[..., Any]:
-    plan = build_plan(gm, example_inputs) if torch.is_grad_enabled() else UpdatePlan((), len(example_inputs))
+    if not torch.is_grad_enabled():  # an inference graph: no gradients, nothing to update
+        return _compile_variant(gm, example_inputs, UpdatePlan((), len(example_inputs)), compiler, observe)
+    # Dynamo shares this graph between modules of the same structure (parameters are
+    # graph inputs), but whether and how each parameter is updated is not among its
+    # guards. So the compiled step is chosen per call by the parameters' in-backward
+    # optimizers, and compiled again for a combination not seen before.
+    pristine = _torch_compat.copy_dynamo_graph(gm, [])
+    plan = build_plan(gm, example_inputs)
+    variants = {plan.signature(): _compile_variant(gm, example_inputs, plan, compiler, observe)}
+    static_shapes = all(isinstance(x, torch.Tensor) for x in example_inputs)
+
+    def run_compiled_step(*args: Any) -> Any:
+        signature = runtime_signature(args)
+        variant = variants.get(signature)
+        if variant is None:
+            if not static_shapes:
+                raise OptimizerChangedError(
+                    "The parameters passed to this dynamic-shape graph have other in-backward optimizers "
+                    f"than it was compiled for ({_describe_signature(signature)}). Compile this model with "
+                    "dynamic=False, or call torch._dynamo.reset() after changing its optimizers."
+                )
+            fresh = _torch_compat.copy_dynamo_graph(pristine, [])
+            variant = _compile_variant(fresh, args, build_plan(fresh, args), compiler, observe)
+            variants[signature] = variant
+        return variant(*args)
+
+    return run_compiled_step
+
+
+def _compile_variant(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], plan: UpdatePlan, compiler: Compiler, observe: GraphObserver
+) -> Callable[..., Any]:
     runtime_inputs = RuntimeInputs(plan)
-    extra_names = [
-        f"{step.op_name}_{key}__{node_safe_name(p.name)}"
-        for p in plan.params
-        for step in p.steps
-        for key in ("lr", *step.state_keys, *(c.key for c in step.created), *(["state_exists"] if step.created else []))
-    ]
-    graph = _torch_compat.copy_dynamo_graph(gm, extra_names)
+    graph = _torch_compat.copy_dynamo_graph(gm, _extra_input_names(plan))
     example = [*example_inputs, *runtime_inputs(example_inputs, for_compile=True)]
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
@@ -94,6 +119,32 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: Compil
         return compiled(*args, *runtime_inputs(args))
 
     return run_with_optimizer_inputs
+
+
+def runtime_signature(args: Sequence[Any]) -> tuple[Any, ...]:
+    """What decides the rewritten graph, read off the parameters of one call."""
+    return tuple(
+        (index, tuple((type(opt), baked_hyperparameters(opt)) for opt in arg._in_backward_optimizers))
+        for index, arg in enumerate(args)
+        if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)
+    )
+
+
+def _describe_signature(signature: tuple[Any, ...]) -> str:
+    return "; ".join(f"input {index}: {_describe(steps)}" for index, steps in signature) or "no in-backward optimizers"
+
+
+def _extra_input_names(plan: UpdatePlan) -> list[str]:
+    """Readable, unique placeholder names: ``adamw_exp_avg__0_weight``."""
+    names: list[str] = []
+    for param_update in plan.params:
+        for step in param_update.steps:
+            for key in step.input_names():
+                name = base = f"{step.op_name}_{key}__{node_safe_name(param_update.name)}"
+                while name in names:  # the same optimizer class twice on one parameter
+                    name = f"{base}_{len(names)}"
+                names.append(name)
+    return names
 
 
 def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> UpdatePlan:
@@ -154,21 +205,10 @@ class RuntimeInputs:
         inputs: list[torch.Tensor] = []
         for param_update in self.plan.params:
             param = args[param_update.input_index]
-            optimizers = getattr(param, "_in_backward_optimizers", [])
-            self._check_unchanged(param_update, optimizers)
+            optimizers = param._in_backward_optimizers
             for step, optimizer in zip(param_update.steps, optimizers):
                 inputs.extend(self._step_inputs(step, optimizer, param, for_compile))
         return inputs
-
-    def _check_unchanged(self, param_update: ParamUpdate, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        compiled = [(s.optimizer_class, s.hyperparameters) for s in param_update.steps]
-        current = [(type(o), baked_hyperparameters(o)) for o in optimizers]
-        if compiled != current:
-            raise OptimizerChangedError(
-                f"The in-backward optimizers of parameter {param_update.name!r} changed after compiling "
-                f"(compiled for {_describe(compiled)}, now {_describe(current)}). Only 'lr' is read at run time; "
-                "call torch._dynamo.reset() and compile again after changing other settings."
-            )
 
     def _step_inputs(self, step: OptimizerStep, optimizer: torch.optim.Optimizer, param: torch.Tensor, for_compile: bool) -> list[torch.Tensor]:
         initialize_state(optimizer, param)

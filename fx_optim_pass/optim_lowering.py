@@ -147,6 +147,11 @@ class OptimizerStep:
     def num_inputs(self) -> int:
         return len(RUNTIME_HYPERPARAMETERS) + len(self.state_keys) + len(self.created) + bool(self.created)
 
+    def input_names(self) -> list[str]:
+        """Names of this step's graph inputs, in order."""
+        names = [*RUNTIME_HYPERPARAMETERS, *self.state_keys, *(c.key for c in self.created)]
+        return names + (["state_exists"] if self.created else [])
+
     @property
     def op_name(self) -> str:
         return self.optimizer_class.__name__.lower()

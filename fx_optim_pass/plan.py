@@ -36,6 +36,12 @@ class UpdatePlan:
     params: tuple[ParamUpdate, ...]
     num_user_inputs: int
 
+    def signature(self) -> tuple[object, ...]:
+        """The per-parameter optimizer setup this plan was made for (see ``runtime_signature``)."""
+        return tuple(
+            (p.input_index, tuple((s.optimizer_class, s.hyperparameters) for s in p.steps)) for p in self.params
+        )
+
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph, for Inductor's FX graph cache."""
         parts = [str(self.num_user_inputs)]

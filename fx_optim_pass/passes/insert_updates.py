@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from fx_optim_pass import _torch_compat
-from fx_optim_pass.optim_lowering import OptimizerStep, trace_step
+from fx_optim_pass.optim_lowering import trace_step
 from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
 
 __all__ = ["insert_optimizer_updates", "PASS_META_KEY"]
@@ -76,7 +76,7 @@ def _insert_param_update(
         new_values, cursor = _inline(graph, traced, [current["param"], current["grad"], *extras], cursor, f"{step.op_name}_update__{name}", param_update.name)
         current["param"] = new_values.get(0, current["param"])
         current["grad"] = new_values.get(1, current["grad"])
-        for slot, key in enumerate(_input_names(step)):
+        for slot, key in enumerate(step.input_names()):
             if slot + 2 in new_values:
                 cursor = _write(graph, cursor, extras[slot], new_values[slot + 2], f"{step.op_name}_write_{key}__{name}", (param_update.name, "write_state"))
     if current["param"] is param:
@@ -87,11 +87,6 @@ def _insert_param_update(
         # layer input, mm(grad_out, weight)): those reads must see the old value.
         cursor = last_reader
     _write(graph, cursor, param, current["param"], f"write__{name}", (param_update.name, "write_param"))
-
-
-def _input_names(step: OptimizerStep) -> list[str]:
-    names = ["lr", *step.state_keys, *(c.key for c in step.created)]
-    return names + (["state_exists"] if step.created else [])
 
 
 def _val(node: fx.Node) -> torch.Tensor:

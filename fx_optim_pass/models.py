@@ -1,0 +1,92 @@
+"""Built-in models and data for the demo, tests and benchmarks (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GPT", "GPTConfig", "mlp", "synthetic_tokens"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 512
+    seq_len: int = 64
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.heads = config.heads
+        self.ln_1 = nn.LayerNorm(config.width)
+        self.qkv = nn.Linear(config.width, 3 * config.width)
+        self.proj = nn.Linear(config.width, config.width)
+        self.ln_2 = nn.LayerNorm(config.width)
+        self.fc = nn.Linear(config.width, 4 * config.width)
+        self.fc_out = nn.Linear(4 * config.width, config.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(width, dim=-1)
+        q, k, v = (t.view(batch, seq, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, seq, width))
+        return x + self.fc_out(F.gelu(self.fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder with the output projection tied to the token embedding."""
+
+    def __init__(self, config: GPTConfig = GPTConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Embedding(config.seq_len, config.width)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.ln_f = nn.LayerNorm(config.width)
+        self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``tokens`` against ``targets``."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def mlp(width: int = 1024, depth: int = 8) -> nn.Sequential:
+    """``depth`` x (Linear(width, width) + ReLU): the fine-tuning regime, parameters dominate."""
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def synthetic_tokens(
+    config: GPTConfig, batch_size: int, num_batches: int, seed: int = 0, device: str | torch.device = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (tokens, next tokens) from a fixed random bigram language.
+
+    The text has structure (each token has a few likely successors), so the loss
+    falls as a model learns it.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    successors = torch.randint(config.vocab_size, (config.vocab_size, 4), generator=generator)
+    batches = []
+    for _ in range(num_batches):
+        text = torch.empty(batch_size, config.seq_len + 1, dtype=torch.long)
+        text[:, 0] = torch.randint(config.vocab_size, (batch_size,), generator=generator)
+        for t in range(config.seq_len):
+            choice = torch.randint(4, (batch_size,), generator=generator)
+            text[:, t + 1] = successors[text[:, t], choice]
+        batches.append((text[:, :-1].to(device), text[:, 1:].to(device)))
+    return batches
