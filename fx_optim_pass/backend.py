@@ -211,8 +211,9 @@ class RuntimeInputs:
         return inputs
 
     def _step_inputs(self, step: OptimizerStep, optimizer: torch.optim.Optimizer, param: torch.Tensor, for_compile: bool) -> list[torch.Tensor]:
-        initialize_state(optimizer, param)
         state = optimizer.state[param]
+        if any(key not in state for key in step.state_keys):  # a fresh optimizer or model instance
+            initialize_state(optimizer, param)
         inputs = [self._lr(optimizer, param.device), *(state[key] for key in step.state_keys)]
         if not step.created:
             return inputs

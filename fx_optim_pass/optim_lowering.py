@@ -61,6 +61,12 @@ def check_supported_optimizer(optimizer_class: type, optimizer_kwargs: dict[str,
         )
 
 
+def _class_step(optimizer: torch.optim.Optimizer) -> None:
+    """``step()`` as the optimizer's class defines it, bypassing wrappers that LR
+    schedulers install on the instance (they would call the real optimizer)."""
+    type(optimizer).step(optimizer)
+
+
 class _StopAfterInit(Exception):
     pass
 
@@ -87,7 +93,7 @@ def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> N
     optimizer._init_group = init_then_stop  # type: ignore[method-assign]
     try:
         with torch.no_grad():
-            optimizer.step()
+            _class_step(optimizer)
     except _StopAfterInit:
         pass
     finally:
@@ -166,10 +172,12 @@ class OptimizerStep:
             shadow.param_groups[0]["params"] = [param]
             shadow.param_groups[0]["lr"] = lr
             shadow.state = defaultdict(dict, {param: state})
-            param.grad = grad
+            # torch's foreach paths may update p.grad in place (SGD nesterov); each
+            # step gets its own copy, as on torch's default single-tensor CPU path.
+            param.grad = grad.clone()
             try:
                 with _torch_compat.optimizer_step_as_if_compiling():
-                    shadow.step()
+                    _class_step(shadow)
             finally:
                 param.grad = None
                 shadow.param_groups[0]["params"] = []
@@ -239,7 +247,7 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
         p.grad = g
         try:
             with _torch_compat.optimizer_step_as_if_compiling():
-                shadow.step()
+                _class_step(shadow)
         finally:
             p.grad = None
             shadow.param_groups[0]["params"] = []

@@ -1,0 +1,144 @@
+"""What a compiled step does and does not do, beyond parity."""
+
+from copy import deepcopy
+
+import pytest
+import torch
+from torch import nn
+
+import fx_optim_pass as fop
+from tests.helpers import assert_params_close, in_mode, snapshot
+
+COMPILED = ["aot_eager", "inductor"]
+
+
+def mlp(device):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+def test_forward_under_no_grad_updates_nothing(mode, device):
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    before = snapshot(model.parameters())
+    compiled = in_mode(model, mode)
+    with torch.no_grad():
+        compiled(torch.randn(4, 6, device=device))
+    assert_params_close(model.parameters(), before)
+    assert all(not opt.state for opt in fop.get_in_backward_optimizers(model))
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+def test_parameters_without_in_backward_optimizers_get_ordinary_gradients(mode, device):
+    model = mlp(device)
+    reference = deepcopy(model)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model[0].parameters(), {"lr": 0.1})
+    x = torch.randn(4, 6, device=device)
+    in_mode(model, mode)(x).sum().backward()
+    reference(x).sum().backward()
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+    assert_params_close([model[2].weight.grad, model[2].bias.grad], [reference[2].weight.grad, reference[2].bias.grad])
+    assert_params_close(model[2].parameters(), reference[2].parameters())
+
+
+def test_second_instance_uses_its_own_optimizers(device):
+    """Dynamo shares one graph between same-shaped modules; each call must read its own state and lr."""
+    first, second = mlp(device), mlp(device)
+    references = [deepcopy(first), deepcopy(second)]
+    ref_opts = [torch.optim.Adam(references[0].parameters(), lr=0.01), torch.optim.Adam(references[1].parameters(), lr=0.05)]
+    fop.apply_optimizer_in_backward(torch.optim.Adam, first.parameters(), {"lr": 0.01})
+    fop.apply_optimizer_in_backward(torch.optim.Adam, second.parameters(), {"lr": 0.05})
+    loss = torch.compile(lambda model, x: model(x).sum(), backend=fop.make_backend(compiler="aot_eager"), fullgraph=True)
+    for _ in range(4):
+        x = torch.randn(4, 6, device=device)
+        for model, reference, opt in zip((first, second), references, ref_opts):
+            loss(model, x).backward()
+            reference(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            assert_params_close(model.parameters(), reference.parameters())
+
+
+def test_lr_changes_take_effect_without_recompiling(device):
+    model = mlp(device)
+    reference = deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.5)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1, "momentum": 0.9})
+    schedulers = [
+        torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) for opt in fop.get_in_backward_optimizers(model)
+    ]
+    compiled = in_mode(model, "aot_eager")
+    for _ in range(5):
+        x = torch.randn(4, 6, device=device)
+        compiled(x).sum().backward()
+        reference(x).sum().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_sched.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        assert_params_close(model.parameters(), reference.parameters())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_load_state_dict_is_honoured(device):
+    """Restoring a checkpoint replaces the state tensors; the next compiled step reads the new ones."""
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
+    compiled = in_mode(model, "aot_eager")
+    xs = [torch.randn(4, 6, device=device) for _ in range(4)]
+    for x in xs[:2]:
+        compiled(x).sum().backward()
+    checkpoint = deepcopy(
+        {"model": model.state_dict(), "optim": [o.state_dict() for o in fop.get_in_backward_optimizers(model)]}
+    )
+    for x in xs[2:]:
+        compiled(x).sum().backward()
+    after_four = snapshot(model.parameters())
+
+    model.load_state_dict(checkpoint["model"])
+    for opt, state in zip(fop.get_in_backward_optimizers(model), checkpoint["optim"]):
+        opt.load_state_dict(state)
+    for x in xs[2:]:
+        compiled(x).sum().backward()
+    assert_params_close(model.parameters(), after_four)
+
+
+def test_changed_optimizer_setting_recompiles_instead_of_running_a_stale_graph(device):
+    model = mlp(device)
+    reference = deepcopy(model)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1, "momentum": 0.9})
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    compiled = in_mode(model, "aot_eager")
+    for step in range(4):
+        if step == 2:
+            for opt in [*fop.get_in_backward_optimizers(model), ref_opt]:
+                opt.param_groups[0]["nesterov"] = True
+        x = torch.randn(4, 6, device=device)
+        compiled(x).sum().backward()
+        reference(x).sum().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
+
+
+def test_eager_hook_does_not_step_again_after_compiled_backward(device):
+    """Once compiled, the optimizer's Python step() is not called again: the graph does the update."""
+    calls = []
+
+    class CountingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            calls.append(1)
+            return super().step(closure)
+
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(CountingSGD, model.parameters(), {"lr": 0.1})
+    compiled = in_mode(model, "aot_eager")
+    compiled(torch.randn(4, 6, device=device)).sum().backward()
+    traced_calls = len(calls)
+    assert traced_calls > 0, "the update was not traced from the optimizer's step()"
+    compiled(torch.randn(4, 6, device=device)).sum().backward()
+    assert len(calls) == traced_calls, "the eager hook stepped after the compiled backward"
+    assert all(p.grad is None for p in model.parameters())
