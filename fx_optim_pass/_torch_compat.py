@@ -217,8 +217,10 @@ def compile_inductor(
     example_inputs: Sequence[Any],
     joint_pass: CustomGraphPass,
     observe: GraphsObserver,
+    use_caches: bool = True,
 ) -> Callable[..., Any]:
     """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``."""
+    from torch._functorch import config as functorch_config
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -229,7 +231,11 @@ def compile_inductor(
         observe("backward" if kwargs.get("is_backward") else "forward", g)
         return compile_fx_inner(g, inputs, **kwargs)
 
-    with config.patch(joint_custom_post_pass=chained):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(config.patch(joint_custom_post_pass=chained))
+        if not use_caches:  # a cache hit would skip the passes and graphs being observed
+            stack.enter_context(config.patch(fx_graph_cache=False))
+            stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
         return compile_fx(gm, example_inputs, inner_compile=inner_compile)
 
 

@@ -45,7 +45,8 @@ def make_backend(*, compiler: Compiler = "inductor", observer: GraphObserver | N
 
     ``compiler="inductor"`` generates fused kernels; ``"aot_eager"`` runs the same
     rewritten graphs op by op (cheap, for tests and debugging). ``observer`` sees
-    every graph the backend produces (for inspection and golden tests).
+    every graph the backend produces (for inspection and golden tests); with an
+    observer, Inductor's caches are bypassed so that every graph is produced.
 
     Example::
 
@@ -109,7 +110,7 @@ def _compile_variant(
     example = [*example_inputs, *runtime_inputs(example_inputs, for_compile=True)]
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
-        compiled = _torch_compat.compile_inductor(graph, example, joint_pass, observe)
+        compiled = _torch_compat.compile_inductor(graph, example, joint_pass, observe, use_caches=observe is _ignore)
     else:
         compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)
     if not plan.params:

@@ -30,7 +30,10 @@ __all__ = [
 
 # Group keys that only say how torch runs the math, not what it computes; the
 # traced shadow overrides them so the step stays tensor-only and traceable.
-_TRACE_FLAGS = {"foreach": True, "fused": None, "capturable": True, "differentiable": False}
+_TRACE_FLAG_CHOICES = (
+    {"foreach": False, "fused": None, "capturable": True, "differentiable": False},
+    {"foreach": True, "fused": None, "capturable": True, "differentiable": False},
+)
 # Group keys read at run time rather than baked into the graph.
 RUNTIME_HYPERPARAMETERS = ("lr",)
 _IGNORED_GROUP_KEYS = {"params", "initial_lr", *RUNTIME_HYPERPARAMETERS}
@@ -59,6 +62,25 @@ def check_supported_optimizer(optimizer_class: type, optimizer_kwargs: dict[str,
             "Use a per-parameter optimizer such as torch.optim.SGD, Adam or AdamW, "
             "or keep this optimizer's ordinary optimizer.step()."
         )
+
+
+def _run_step(
+    shadow: torch.optim.Optimizer, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, state: dict[str, Any]
+) -> None:
+    """Torch's own ``step()`` of ``shadow`` on exactly these tensors (mutated in place)."""
+    shadow.param_groups[0]["params"] = [param]
+    shadow.param_groups[0]["lr"] = lr
+    shadow.state = defaultdict(dict, {param: state})
+    # torch's foreach paths may update p.grad in place (SGD nesterov); each step
+    # gets its own copy, as on torch's default single-tensor CPU path.
+    param.grad = grad.clone()
+    try:
+        with _torch_compat.optimizer_step_as_if_compiling():
+            _class_step(shadow)
+    finally:
+        param.grad = None
+        shadow.param_groups[0]["params"] = []
+        shadow.state = defaultdict(dict)
 
 
 def _class_step(optimizer: torch.optim.Optimizer) -> None:
@@ -101,12 +123,12 @@ def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> N
         param.grad = saved_grad
 
 
-def _shadow_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def _shadow_optimizer(optimizer: torch.optim.Optimizer, flags: dict[str, Any]) -> torch.optim.Optimizer:
     """A copy of ``optimizer`` that shares nothing mutable with it and runs no user hooks."""
     shadow = object.__new__(type(optimizer))
     shadow.__dict__.update(optimizer.__dict__)
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    for key, value in _TRACE_FLAGS.items():
+    for key, value in flags.items():
         if key in group:
             group[key] = value
     group["params"] = []
@@ -168,36 +190,21 @@ class OptimizerStep:
         shadow, state_keys = self.shadow, self.state_keys
         created_keys = tuple(c.key for c in self.created)
 
-        def run_step(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, state: dict[str, Any]) -> None:
-            shadow.param_groups[0]["params"] = [param]
-            shadow.param_groups[0]["lr"] = lr
-            shadow.state = defaultdict(dict, {param: state})
-            # torch's foreach paths may update p.grad in place (SGD nesterov); each
-            # step gets its own copy, as on torch's default single-tensor CPU path.
-            param.grad = grad.clone()
-            try:
-                with _torch_compat.optimizer_step_as_if_compiling():
-                    _class_step(shadow)
-            finally:
-                param.grad = None
-                shadow.param_groups[0]["params"] = []
-                shadow.state = defaultdict(dict)
-
         def update(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
             state = dict(zip(state_keys, tensors[: len(state_keys)]))
             if not created_keys:
-                run_step(param, grad, lr, state)
+                _run_step(shadow, param, grad, lr, state)
                 return
             created = tensors[len(state_keys) : len(state_keys) + len(created_keys)]
             exists = tensors[-1]
             # Torch's first step takes another path (SGD: buffer = grad, not the
             # damped average). Trace both from torch's code and select per step.
             first_param, first_state = param.clone(), {k: v.clone() for k, v in state.items()}
-            run_step(first_param, grad, lr, first_state)
+            _run_step(shadow, first_param, grad, lr, first_state)
             later_param = param.clone()
             later_state = {k: v.clone() for k, v in state.items()}
             later_state.update({k: buf.clone() for k, buf in zip(created_keys, created)})
-            run_step(later_param, grad, lr, later_state)
+            _run_step(shadow, later_param, grad, lr, later_state)
             param.copy_(torch.where(exists, later_param, first_param))
             for key, tensor in [*state.items(), *zip(created_keys, created)]:
                 tensor.copy_(torch.where(exists, later_state[key], first_state[key]))
@@ -209,7 +216,7 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
     """Work out, on fake tensors, which state the update reads and creates, and check it traces.
 
     Raises a clear error naming the optimizer and parameter when torch's step
-    cannot be traced into a graph; nothing real is touched.
+    cannot be traced into a tensor-only graph; nothing real is touched.
     """
     name = type(optimizer).__name__
     if len(optimizer.param_groups) != 1 or len(optimizer.param_groups[0]["params"]) != 1:
@@ -217,15 +224,14 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
             f"{name} on parameter {param_name!r}: in-backward optimizers hold exactly one parameter; "
             "set them up with fx_optim_pass.apply_optimizer_in_backward."
         )
-    shadow = _shadow_optimizer(optimizer)
     fake_mode = FakeTensorMode()
     fake_param = fake_mode.from_tensor(param.detach())
-    with fake_mode:
-        fake_lr = torch.empty((), dtype=torch.float32)
-    init_shadow = _shadow_optimizer(optimizer)
+    init_shadow = _shadow_optimizer(optimizer, _TRACE_FLAG_CHOICES[0])
     init_shadow.param_groups[0]["params"] = [fake_param]
     with fake_mode:
         initialize_state(init_shadow, fake_param)
+        fake_lr = torch.empty((), dtype=torch.float32)
+        fake_grad = torch.empty_like(fake_param)
     state = dict(init_shadow.state.get(fake_param, {}))
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -233,37 +239,30 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
                 f"{name} on parameter {param_name!r}: state {key!r} is a {type(value).__name__}, "
                 "not a tensor, so it cannot live in the compiled graph."
             )
-    state_keys = tuple(state)
-    spec = OptimizerStep(type(optimizer), baked_hyperparameters(optimizer), state_keys, (), shadow)
 
-    # Trace once with the initial state only, to learn which keys the step creates.
-    after: dict[str, torch.Tensor] = {}
+    # Torch's single-tensor code reads a tensor lr as a number in some optimizers
+    # (SGD), its foreach code does not: take the first that stays in tensors.
+    for choice, flags in enumerate(_TRACE_FLAG_CHOICES):
+        shadow = _shadow_optimizer(optimizer, flags)
+        after: dict[str, torch.Tensor] = {}
 
-    def probe(p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
-        st = dict(zip(state_keys, tensors))
-        shadow.param_groups[0]["params"] = [p]
-        shadow.param_groups[0]["lr"] = lr
-        shadow.state = defaultdict(dict, {p: st})
-        p.grad = g
+        def probe(p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
+            step_state = dict(zip(state, tensors))
+            _run_step(shadow, p, g, lr, step_state)  # noqa: B023 (called right here)
+            after.update(step_state)  # noqa: B023
+
         try:
-            with _torch_compat.optimizer_step_as_if_compiling():
-                _class_step(shadow)
-        finally:
-            p.grad = None
-            shadow.param_groups[0]["params"] = []
-            shadow.state = defaultdict(dict)
-        after.update(st)
-
-    with fake_mode:
-        grad = torch.empty_like(fake_param)
-    graph = _trace_checked(probe, [fake_param, grad, fake_lr, *state.values()], name, param_name)
-    del graph
+            _trace_checked(probe, [fake_param, fake_grad, fake_lr, *state.values()], name, param_name)
+            break
+        except UnsupportedOptimizerError:
+            if choice == len(_TRACE_FLAG_CHOICES) - 1:
+                raise
     created = tuple(
         CreatedState(key, tuple(value.shape), value.dtype)
         for key, value in after.items()
         if key not in state and isinstance(value, torch.Tensor)
     )
-    return OptimizerStep(spec.optimizer_class, spec.hyperparameters, state_keys, created, shadow)
+    return OptimizerStep(type(optimizer), baked_hyperparameters(optimizer), tuple(state), created, shadow)
 
 
 def _trace_checked(fn: Callable[..., None], args: Sequence[torch.Tensor], name: str, param_name: str) -> fx.GraphModule:
