@@ -1,0 +1,31 @@
+# Each target creates .venv and installs what it needs. torch==2.13.0 goes in
+# first so pip takes the CPU wheel on disk instead of a multi-GB CUDA build.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint graphs clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m fx_optim_pass.demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fx_optim_pass tests
+	$(VENV)/bin/ruff format --check fx_optim_pass tests
+	$(VENV)/bin/mypy
+
+graphs: $(STAMP)
+	EXPECTTEST_ACCEPT=1 $(PYTHON) -m pytest -q tests/test_golden_graphs.py
+
+clean:
+	rm -rf $(VENV) demo_out
