@@ -1,10 +1,10 @@
 """The optimizer step fused into the backward pass, compiled.
 
-    >>> import torch, fx_optim_pass as fop
-    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-    >>> fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 1e-3})
-    >>> compiled = torch.compile(model, backend="fx_optim", fullgraph=True)
-    >>> compiled(torch.randn(4, 8)).sum().backward()   # parameters updated; p.grad is None
+>>> import torch, fx_optim_pass as fop
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+>>> fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 1e-3})
+>>> compiled = torch.compile(model, backend="fx_optim", fullgraph=True)
+>>> compiled(torch.randn(4, 8)).sum().backward()   # parameters updated; p.grad is None
 """
 
 from fx_optim_pass.api import apply_optimizer_in_backward, get_in_backward_optimizers

@@ -23,21 +23,21 @@ from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 __all__ = [
-    "CustomGraphPass",
     "MUST_BE_IN_BACKWARD",
+    "CustomGraphPass",
     "accumulate_grad_node",
     "compile_aot_eager",
     "compile_inductor",
+    "copy_dynamo_graph",
     "detect_fake_mode",
+    "grad_output_positions",
     "hooked_by_torch",
     "input_index",
-    "grad_output_positions",
-    "copy_dynamo_graph",
-    "normalize_gm",
-    "qualified_name_from_source",
     "is_view_op",
+    "normalize_gm",
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
+    "qualified_name_from_source",
     "trace_functional",
 ]
 
@@ -139,9 +139,8 @@ def trace_functional(fn: Callable[..., Any], example_args: Sequence[torch.Tensor
     is required: without it Inductor sees both a fallback and a decomposition for
     ops such as ``aten.lerp``.
     """
-    from torch.func import functionalize
-
     from torch._subclasses.fake_tensor import FakeTensor
+    from torch.func import functionalize
 
     fake_mode = next((a.fake_mode for a in example_args if isinstance(a, FakeTensor)), None)
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
@@ -236,7 +235,7 @@ def compile_inductor(
         if not use_caches:  # a cache hit would skip the passes and graphs being observed
             stack.enter_context(config.patch(fx_graph_cache=False))
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile)  # type: ignore[return-value]
 
 
 class _ChainedPass(CustomGraphPass):

@@ -29,7 +29,7 @@ from fx_optim_pass.optim_lowering import (
 from fx_optim_pass.passes import insert_optimizer_updates
 from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
 
-__all__ = ["backend", "make_backend", "GraphObserver", "OptimizerChangedError"]
+__all__ = ["GraphObserver", "OptimizerChangedError", "backend", "make_backend"]
 
 Compiler = Literal["inductor", "aot_eager"]
 GraphObserver = Callable[[str, fx.GraphModule], None]
@@ -72,7 +72,9 @@ def _ignore(kind: str, gm: fx.GraphModule) -> None:
     pass
 
 
-def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: Compiler, observe: GraphObserver) -> Callable[..., Any]:
+def _compile(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: Compiler, observe: GraphObserver
+) -> Callable[..., Any]:
     if not torch.is_grad_enabled():  # an inference graph: no gradients, nothing to update
         return _compile_variant(gm, example_inputs, UpdatePlan((), len(example_inputs)), compiler, observe)
     # Dynamo shares this graph between modules of the same structure (parameters are
@@ -125,7 +127,7 @@ def _compile_variant(
 def runtime_signature(args: Sequence[Any]) -> tuple[Any, ...]:
     """What decides the rewritten graph, read off the parameters of one call."""
     return tuple(
-        (index, tuple((type(opt), baked_hyperparameters(opt)) for opt in arg._in_backward_optimizers))
+        (index, tuple((type(opt), baked_hyperparameters(opt)) for opt in arg._in_backward_optimizers))  # type: ignore[attr-defined]
         for index, arg in enumerate(args)
         if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)
     )
@@ -199,7 +201,9 @@ class RuntimeInputs:
 
     def __init__(self, plan: UpdatePlan) -> None:
         self.plan = plan
-        self._lr_tensors: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[float, torch.Tensor]] = weakref.WeakKeyDictionary()
+        self._lr_tensors: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[float, torch.Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._flags: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
     def __call__(self, args: Sequence[Any], *, for_compile: bool = False) -> list[torch.Tensor]:
@@ -211,7 +215,9 @@ class RuntimeInputs:
                 inputs.extend(self._step_inputs(step, optimizer, param, for_compile))
         return inputs
 
-    def _step_inputs(self, step: OptimizerStep, optimizer: torch.optim.Optimizer, param: torch.Tensor, for_compile: bool) -> list[torch.Tensor]:
+    def _step_inputs(
+        self, step: OptimizerStep, optimizer: torch.optim.Optimizer, param: torch.Tensor, for_compile: bool
+    ) -> list[torch.Tensor]:
         state = optimizer.state[param]
         if any(key not in state for key in step.state_keys):  # a fresh optimizer or model instance
             initialize_state(optimizer, param)
@@ -248,21 +254,26 @@ def _describe(steps: Sequence[tuple[type, Any]]) -> str:
     return ", ".join(f"{cls.__name__}({dict(h) if h else ''})" for cls, h in steps) or "no optimizer"
 
 
-def _install_after_backward(optimizer: torch.optim.Optimizer, param: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+def _install_after_backward(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, buffers: dict[str, torch.Tensor]
+) -> None:
     """Put state that the first compiled step creates into ``optimizer.state`` once the
     backward has filled it (the AccumulateGrad hook fires after the compiled backward,
     even though it leaves no gradient)."""
+    # The hook holds the node, and so keeps it the one the coming forward links
+    # the parameter's gradient edge to (torch caches it only weakly).
     node = _torch_compat.accumulate_grad_node(param)
-    handle = None
+    handles: list[Any] = []
 
     def install(*_unused: Any) -> None:
         state = optimizer.state[param]
         for key, buffer in buffers.items():
             state.setdefault(key, buffer)
-        handle.remove()  # type: ignore[union-attr]
-        node  # noqa: B018 keep the node alive until the backward ran
+        handles.pop().remove()
+        del node_ref[:]
 
-    handle = node.register_hook(install)
+    node_ref = [node]
+    handles.append(node.register_hook(install))
 
 
 backend = make_backend(compiler="inductor")

@@ -13,6 +13,7 @@ import statistics
 import time
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -25,7 +26,7 @@ from fx_optim_pass.testing import normalize_graph
 
 __all__ = ["main"]
 
-ADAMW = {"lr": 3e-3, "weight_decay": 0.01}
+ADAMW: dict[str, Any] = {"lr": 3e-3, "weight_decay": 0.01}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     fop.apply_optimizer_in_backward(torch.optim.AdamW, fx_model.parameters(), ADAMW)
 
     graphs: dict[str, fx.GraphModule] = {}
-    backend = fop.make_backend(compiler="inductor", observer=lambda kind, gm: graphs.setdefault(kind, gm))
+
+    def keep_graph(kind: str, gm: fx.GraphModule) -> None:
+        graphs.setdefault(kind, gm)
+
+    backend = fop.make_backend(compiler="inductor", observer=keep_graph)
     compiled = torch.compile(fx_model, backend=backend, fullgraph=True)
 
     def eager_step(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch_size}x{config.seq_len} tokens, {args.device}"
     )
     batches = synthetic_tokens(config, args.batch_size, args.steps, device=args.device)
-    eager_losses, fx_losses, eager_times, fx_times = [], [], [], []
+    eager_losses: list[float] = []
+    fx_losses: list[float] = []
+    eager_times: list[float] = []
+    fx_times: list[float] = []
     progress = tqdm(batches, desc="training (eager | fx_optim)", unit="step")
     for tokens, targets in progress:
         for step, losses, times in ((eager_step, eager_losses, eager_times), (fx_step, fx_losses, fx_times)):

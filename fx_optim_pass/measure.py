@@ -32,7 +32,7 @@ def peak_step_memory(step: Callable[[], Any], device: torch.device | str = "cpu"
 def live_bytes_curve(prof: torch.profiler.profile) -> list[int]:
     """Running sum of the profiler's CPU memory events, in time order."""
     events = [
-        (event.start_ns(), event.nbytes())
+        (event.start_ns(), event.nbytes())  # type: ignore[union-attr]
         for event in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
         if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
     ]

@@ -24,8 +24,8 @@ __all__ = [
     "OptimizerStep",
     "UnsupportedOptimizerError",
     "check_supported_optimizer",
-    "initialize_state",
     "describe_step",
+    "initialize_state",
 ]
 
 # Group keys that only say how torch runs the math, not what it computes; the

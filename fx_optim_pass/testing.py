@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from fx_optim_pass import _torch_compat
 
-__all__ = ["GOLDEN_TORCH_VERSION", "assert_expected_graph", "normalize_graph", "goldens_apply"]
+__all__ = ["GOLDEN_TORCH_VERSION", "assert_expected_graph", "goldens_apply", "normalize_graph"]
 
 # Graph text depends on torch's decompositions and naming; goldens are recorded
 # with this release and compared only there.

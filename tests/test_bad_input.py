@@ -17,7 +17,7 @@ def test_untraceable_torch_optimizers_are_refused_at_setup(optimizer_class):
 
 
 def test_not_an_optimizer_class_is_refused():
-    with pytest.raises(fop.UnsupportedOptimizerError, match="not a torch.optim.Optimizer subclass"):
+    with pytest.raises(fop.UnsupportedOptimizerError, match=r"not a torch\.optim\.Optimizer subclass"):
         fop.apply_optimizer_in_backward(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), [], {})
 
 

@@ -46,10 +46,15 @@ def test_second_instance_uses_its_own_optimizers(device):
     """Dynamo shares one graph between same-shaped modules; each call must read its own state and lr."""
     first, second = mlp(device), mlp(device)
     references = [deepcopy(first), deepcopy(second)]
-    ref_opts = [torch.optim.Adam(references[0].parameters(), lr=0.01), torch.optim.Adam(references[1].parameters(), lr=0.05)]
+    ref_opts = [
+        torch.optim.Adam(references[0].parameters(), lr=0.01),
+        torch.optim.Adam(references[1].parameters(), lr=0.05),
+    ]
     fop.apply_optimizer_in_backward(torch.optim.Adam, first.parameters(), {"lr": 0.01})
     fop.apply_optimizer_in_backward(torch.optim.Adam, second.parameters(), {"lr": 0.05})
-    loss = torch.compile(lambda model, x: model(x).sum(), backend=fop.make_backend(compiler="aot_eager"), fullgraph=True)
+    loss = torch.compile(
+        lambda model, x: model(x).sum(), backend=fop.make_backend(compiler="aot_eager"), fullgraph=True
+    )
     for _ in range(4):
         x = torch.randn(4, 6, device=device)
         for model, reference, opt in zip((first, second), references, ref_opts):

@@ -130,7 +130,9 @@ def test_torchs_apply_is_picked_up_by_the_backend(device):
     _apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
     graphs = []
     compiled = torch.compile(
-        model, backend=fop.make_backend(compiler="aot_eager", observer=lambda kind, gm: graphs.append(kind)), fullgraph=True
+        model,
+        backend=fop.make_backend(compiler="aot_eager", observer=lambda kind, gm: graphs.append(kind)),
+        fullgraph=True,
     )
     inp = torch.randn(4, 10, device=device)
     for _ in range(STEPS):

@@ -28,7 +28,7 @@ from fx_optim_pass import _torch_compat
 from fx_optim_pass.optim_lowering import trace_step
 from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
 
-__all__ = ["insert_optimizer_updates", "PASS_META_KEY"]
+__all__ = ["PASS_META_KEY", "insert_optimizer_updates"]
 
 # node.meta[PASS_META_KEY] = (parameter name, role); roles: "update", "write_state", "write_param".
 PASS_META_KEY = "fx_optim_pass"
@@ -40,9 +40,7 @@ def insert_optimizer_updates(graph: fx.Graph, plan: UpdatePlan) -> int:
     grad_positions = _torch_compat.grad_output_positions(output)
     if not grad_positions:  # an inference graph: nothing to update
         return 0
-    placeholders = {
-        _torch_compat.input_index(node): node for node in graph.find_nodes(op="placeholder")
-    }
+    placeholders = {_torch_compat.input_index(node): node for node in graph.find_nodes(op="placeholder")}
     order = {node: i for i, node in enumerate(graph.nodes)}
     outputs = list(output.args[0])  # type: ignore[arg-type]
     updated = 0
@@ -54,7 +52,7 @@ def insert_optimizer_updates(graph: fx.Graph, plan: UpdatePlan) -> int:
         _insert_param_update(graph, param_update, placeholders, grad, order)
         outputs[position] = None  # type: ignore[index]
         updated += 1
-    output.args = (type(output.args[0])(outputs),)  # type: ignore[arg-type, call-arg]
+    output.args = (outputs if isinstance(output.args[0], list) else tuple(outputs),)
     graph.lint()
     return updated
 
@@ -72,13 +70,29 @@ def _insert_param_update(
     current = {"param": param, "grad": grad}
     for step, input_indices in zip(param_update.steps, param_update.step_inputs):
         extras = [placeholders[i] for i in input_indices]
-        traced = trace_step(step, [_val(current["param"]), _val(current["grad"]), *map(_val, extras)], param_update.name)
-        new_values, cursor = _inline(graph, traced, [current["param"], current["grad"], *extras], cursor, f"{step.op_name}_update__{name}", param_update.name)
+        traced = trace_step(
+            step, [_val(current["param"]), _val(current["grad"]), *map(_val, extras)], param_update.name
+        )
+        new_values, cursor = _inline(
+            graph,
+            traced,
+            [current["param"], current["grad"], *extras],
+            cursor,
+            f"{step.op_name}_update__{name}",
+            param_update.name,
+        )
         current["param"] = new_values.get(0, current["param"])
         current["grad"] = new_values.get(1, current["grad"])
         for slot, key in enumerate(step.input_names()):
             if slot + 2 in new_values:
-                cursor = _write(graph, cursor, extras[slot], new_values[slot + 2], f"{step.op_name}_write_{key}__{name}", (param_update.name, "write_state"))
+                cursor = _write(
+                    graph,
+                    cursor,
+                    extras[slot],
+                    new_values[slot + 2],
+                    f"{step.op_name}_write_{key}__{name}",
+                    (param_update.name, "write_state"),
+                )
     if current["param"] is param:
         return
     last_reader = max(_readers(param), key=order.__getitem__, default=None)
@@ -146,7 +160,9 @@ def _inline(
     return new_values, cursor
 
 
-def _write(graph: fx.Graph, cursor: fx.Node, target: fx.Node, value: fx.Node, name: str, tag: tuple[str, str]) -> fx.Node:
+def _write(
+    graph: fx.Graph, cursor: fx.Node, target: fx.Node, value: fx.Node, name: str, tag: tuple[str, str]
+) -> fx.Node:
     with graph.inserting_after(cursor):
         node = graph.create_node("call_function", torch.ops.aten.copy_.default, (target, value), name=name)
     node.meta = {
