@@ -8,7 +8,7 @@
 """
 
 from fx_optim_pass.api import apply_optimizer_in_backward, get_in_backward_optimizers
-from fx_optim_pass.backend import OptimizerChangedError, backend, make_backend
+from fx_optim_pass.dynamo_backend import OptimizerChangedError, backend, make_backend
 from fx_optim_pass.optim_lowering import UnsupportedOptimizerError
 
 __all__ = [

@@ -162,7 +162,7 @@ class OptimizerStep:
 
     Graph inputs, in order: ``lr``, then the state tensors ``state_keys`` (created
     by ``initialize_state``), then for ``created`` state one buffer each plus a
-    0-d bool "state already exists" flag.
+    0-d bool "state already exists" flag, which the update sets to True.
     """
 
     optimizer_class: type[torch.optim.Optimizer]
@@ -208,6 +208,7 @@ class OptimizerStep:
             param.copy_(torch.where(exists, later_param, first_param))
             for key, tensor in [*state.items(), *zip(created_keys, created)]:
                 tensor.copy_(torch.where(exists, later_state[key], first_state[key]))
+            exists.fill_(True)  # tells the runtime this update ran (see _install_after_backward)
 
         return update
 

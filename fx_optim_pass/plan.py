@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from fx_optim_pass.optim_lowering import OptimizerStep
 
@@ -43,11 +48,30 @@ class UpdatePlan:
         )
 
     def cache_key(self) -> str:
-        """Everything that changes the rewritten graph, for Inductor's FX graph cache."""
-        parts = [str(self.num_user_inputs)]
+        """Everything that changes the rewritten graph, for Inductor's and AOTAutograd's caches:
+        this package's own source, torch's version, the optimizers' code and settings, the plan."""
+        parts = [_package_source_hash(), torch.__version__, str(self.num_user_inputs)]
         for p in self.params:
             parts.append(f"{p.input_index}:{p.name}:{p.step_inputs}")
             for s in p.steps:
-                cls = s.optimizer_class
-                parts.append(f"{cls.__module__}.{cls.__qualname__}:{s.hyperparameters}:{s.state_keys}:{s.created}")
+                parts.append(f"{_class_key(s.optimizer_class)}:{s.hyperparameters}:{s.state_keys}:{s.created}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+@functools.cache
+def _package_source_hash() -> str:
+    """Hash of every module of this package: a changed pass must never meet a cached graph."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _class_key(cls: type) -> str:
+    """Name and source hash of an optimizer class (a user's class can change between runs)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # defined where no source is kept: never reuse a cached graph
+        source = f"no source {id(cls)}"
+    return f"{cls.__module__}.{cls.__qualname__}:{hashlib.sha256(source.encode()).hexdigest()}"

@@ -204,7 +204,6 @@ class RuntimeInputs:
         self._lr_tensors: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[float, torch.Tensor]] = (
             weakref.WeakKeyDictionary()
         )
-        self._flags: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
     def __call__(self, args: Sequence[Any], *, for_compile: bool = False) -> list[torch.Tensor]:
         inputs: list[torch.Tensor] = []
@@ -225,11 +224,17 @@ class RuntimeInputs:
         if not step.created:
             return inputs
         if all(c.key in state for c in step.created):
-            return [*inputs, *(state[c.key] for c in step.created), self._flag(param.device, True)]
+            # A fresh flag each call: the graph writes True into it.
+            return [
+                *inputs,
+                *(state[c.key] for c in step.created),
+                torch.ones((), dtype=torch.bool, device=param.device),
+            ]
         buffers = {c.key: torch.empty(c.shape, dtype=c.dtype, device=param.device) for c in step.created}
+        updated = torch.zeros((), dtype=torch.bool, device=param.device)  # the graph sets it
         if not for_compile:
-            _install_after_backward(optimizer, param, buffers)
-        return [*inputs, *buffers.values(), self._flag(param.device, False)]
+            _install_after_backward(optimizer, param, buffers, updated)
+        return [*inputs, *buffers.values(), updated]
 
     def _lr(self, optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
         lr = optimizer.param_groups[0]["lr"]
@@ -243,34 +248,33 @@ class RuntimeInputs:
             self._lr_tensors[optimizer] = cached
         return cached[1]
 
-    def _flag(self, device: torch.device, value: bool) -> torch.Tensor:
-        key = (device, value)
-        if key not in self._flags:
-            self._flags[key] = torch.tensor(value, device=device)
-        return self._flags[key]
-
 
 def _describe(steps: Sequence[tuple[type, Any]]) -> str:
     return ", ".join(f"{cls.__name__}({dict(h) if h else ''})" for cls, h in steps) or "no optimizer"
 
 
 def _install_after_backward(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, buffers: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, buffers: dict[str, torch.Tensor], updated: torch.Tensor
 ) -> None:
-    """Put state that the first compiled step creates into ``optimizer.state`` once the
-    backward has filled it (the AccumulateGrad hook fires after the compiled backward,
-    even though it leaves no gradient)."""
+    """Put state that the first compiled step creates into ``optimizer.state`` once a
+    backward has filled it.
+
+    The AccumulateGrad hook fires after the compiled backward even though it leaves no
+    gradient. It may also fire for another backward (an eager one, or one whose graph
+    never ran this update), so it installs only if the update set ``updated``.
+    """
     # The hook holds the node, and so keeps it the one the coming forward links
     # the parameter's gradient edge to (torch caches it only weakly).
     node = _torch_compat.accumulate_grad_node(param)
     handles: list[Any] = []
 
     def install(*_unused: Any) -> None:
-        state = optimizer.state[param]
-        for key, buffer in buffers.items():
-            state.setdefault(key, buffer)
+        if updated.item():
+            state = optimizer.state[param]
+            for key, buffer in buffers.items():
+                state.setdefault(key, buffer)
         handles.pop().remove()
-        del node_ref[:]
+        node_ref.clear()
 
     node_ref = [node]
     handles.append(node.register_hook(install))
