@@ -6,6 +6,7 @@ import functools
 import hashlib
 import inspect
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +68,17 @@ def _package_source_hash() -> str:
     return digest.hexdigest()
 
 
-@functools.cache
 def _class_key(cls: type) -> str:
     """Name and source hash of an optimizer class (a user's class can change between runs)."""
+    if cls not in _class_keys:
+        _class_keys[cls] = _hash_class(cls)
+    return _class_keys[cls]
+
+
+_class_keys: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+
+
+def _hash_class(cls: type) -> str:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):  # defined where no source is kept: never reuse a cached graph
