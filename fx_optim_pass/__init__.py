@@ -10,12 +10,16 @@
 from fx_optim_pass.api import apply_optimizer_in_backward, get_in_backward_optimizers
 from fx_optim_pass.dynamo_backend import OptimizerChangedError, backend, make_backend
 from fx_optim_pass.optim_lowering import UnsupportedOptimizerError
+from fx_optim_pass.report import InspectError, Report, inspect
 
 __all__ = [
+    "InspectError",
     "OptimizerChangedError",
+    "Report",
     "UnsupportedOptimizerError",
     "apply_optimizer_in_backward",
     "backend",
     "get_in_backward_optimizers",
+    "inspect",
     "make_backend",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "compile_inductor",
     "copy_dynamo_graph",
     "detect_fake_mode",
+    "emit_trace_artifact",
     "grad_output_positions",
     "hooked_by_torch",
     "input_index",
@@ -38,6 +39,8 @@ __all__ = [
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
     "qualified_name_from_source",
+    "run_and_get_code",
+    "structured_trace_enabled",
     "trace_functional",
 ]
 
@@ -166,6 +169,27 @@ def normalize_gm(text: str) -> str:
     from torch._dynamo.testing import normalize_gm as _normalize_gm
 
     return _normalize_gm(text)
+
+
+def structured_trace_enabled() -> bool:
+    """Whether ``TORCH_TRACE`` (tlparse's structured trace) is being written."""
+    from torch._logging._internal import trace_log
+
+    return bool(trace_log.handlers)
+
+
+def emit_trace_artifact(name: str, payload_fn: Callable[[], str]) -> None:
+    """A string artifact in the structured trace, shown by tlparse next to torch's own."""
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=payload_fn)
+
+
+def run_and_get_code(fn: Callable[[], Any]) -> list[str]:
+    """Inductor's generated Python/C++/Triton source for every graph ``fn`` compiles."""
+    from torch._inductor.utils import run_and_get_code as _run_and_get_code
+
+    return list(_run_and_get_code(fn)[1])
 
 
 # ---------------------------------------------------------------- compilation

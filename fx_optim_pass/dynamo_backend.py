@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -27,7 +28,9 @@ from fx_optim_pass.optim_lowering import (
     initialize_state,
 )
 from fx_optim_pass.passes import insert_optimizer_updates
+from fx_optim_pass.placement import find_placements, placement_log, placement_table
 from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
+from fx_optim_pass.testing import normalize_graph
 
 __all__ = ["GraphObserver", "OptimizerChangedError", "backend", "make_backend"]
 
@@ -178,10 +181,22 @@ class JointPass(_torch_compat.CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         if not self.plan.params:
             return
+        trace = _torch_compat.structured_trace_enabled()
+        watched = trace or self.observe is not _ignore
         owner = graph.owning_module or torch.nn.Module()
-        self.observe("joint_before", fx.GraphModule(owner, _copy(graph)))
+        if watched:
+            before = fx.GraphModule(owner, _copy(graph))
+            self.observe("joint_before", before)
+            if trace:
+                _torch_compat.emit_trace_artifact("fx_optim_pass_joint_before", lambda: normalize_graph(before))
         insert_optimizer_updates(graph, self.plan)
-        self.observe("joint", fx.GraphModule(owner, _copy(graph)))
+        if watched:
+            after = fx.GraphModule(owner, _copy(graph))
+            self.observe("joint", after)
+            if trace:
+                _torch_compat.emit_trace_artifact("fx_optim_pass_joint_after", lambda: normalize_graph(after))
+        if placement_log.isEnabledFor(logging.INFO):  # TORCH_LOGS=fx_optim_pass.placement
+            placement_log.info("fx_optim_pass placement:\n%s", placement_table(find_placements(graph)))
 
     def uuid(self) -> str:
         return self.plan.cache_key()

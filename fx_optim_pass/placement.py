@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -9,7 +10,10 @@ import torch.fx as fx
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.passes.insert_updates import PASS_META_KEY
 
-__all__ = ["Placement", "find_placements", "late_updates"]
+__all__ = ["Placement", "find_placements", "late_updates", "placement_log", "placement_table"]
+
+# `TORCH_LOGS=fx_optim_pass.placement` prints the placement table of every rewrite.
+placement_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -17,37 +21,63 @@ class Placement:
     """A parameter's gradient node, its inserted update nodes and the write into the parameter."""
 
     param: str
+    param_input: fx.Node  # the parameter's placeholder
     gradient: fx.Node
     update: tuple[fx.Node, ...]
-    write: fx.Node
+    write: fx.Node  # the last node that writes the parameter
 
 
 def find_placements(graph: fx.Graph) -> dict[str, Placement]:
-    """Placements of every parameter the pass updated in ``graph`` (joint or backward)."""
+    """Placements of every parameter the pass updated in ``graph`` (joint, backward or post-grad).
+
+    The write is our ``copy_`` into the parameter, or the in-place update node that
+    Inductor folded it into (``_foreach_add_`` on the parameter, for SGD).
+    """
     order = {node: i for i, node in enumerate(graph.nodes)}
-    updates: dict[str, list[fx.Node]] = {}
-    writes: dict[str, fx.Node] = {}
+    placeholders = {node.name: node for node in graph.find_nodes(op="placeholder")}
+    tagged: dict[str, list[fx.Node]] = {}
+    inputs: dict[str, str] = {}
     for node in graph.nodes:
         tag = node.meta.get(PASS_META_KEY)
-        if tag is None:
-            continue
-        name, role = tag
-        if role == "write_param":
-            writes[name] = node
-        else:
-            updates.setdefault(name, []).append(node)
+        if tag is not None:
+            tagged.setdefault(tag[0], []).append(node)
+            inputs[tag[0]] = tag[2]
     placements = {}
-    for name, write in writes.items():
-        inputs = [
+    for name, nodes in tagged.items():
+        param = placeholders.get(inputs[name])
+        writes = [n for n in nodes if param is not None and param in _written_args(n)]
+        update = tuple(n for n in nodes if n.meta[PASS_META_KEY][1] == "update")
+        gradients = [
             arg
-            for node in updates.get(name, [])
+            for node in update
             for arg in node.all_input_nodes
             if arg.op != "placeholder" and PASS_META_KEY not in arg.meta
         ]
-        if inputs:
-            gradient = max(inputs, key=order.__getitem__)
-            placements[name] = Placement(name, gradient, tuple(updates[name]), write)
+        if param is not None and writes and gradients:
+            gradient = max(gradients, key=order.__getitem__)
+            placements[name] = Placement(name, param, gradient, update, writes[-1])
     return placements
+
+
+def _written_args(node: fx.Node) -> list[fx.Node]:
+    """The nodes an op writes into, from its schema (``copy_``'s self, ``_foreach_add_``'s list)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    written: list[fx.Node] = []
+    for argument, value in zip(schema.arguments, node.args):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            written += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, fx.Node)]
+    return written
+
+
+def placement_table(placements: dict[str, Placement]) -> str:
+    """One line per parameter: its gradient node, its update, the write into it."""
+    rows = [("parameter", "gradient node", "update nodes", "write node")]
+    for name, p in placements.items():
+        rows.append((name, p.gradient.name, f"{len(p.update)} ({p.update[0].name} ..)", p.write.name))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def late_updates(graph: fx.Graph) -> list[str]:
@@ -61,9 +91,7 @@ def late_updates(graph: fx.Graph) -> list[str]:
     order = {node: i for i, node in enumerate(graph.nodes)}
     problems = []
     for name, placement in find_placements(graph).items():
-        param = placement.write.args[0]
-        assert isinstance(param, fx.Node)
-        allowed = _ancestors([placement.write, *_alias_readers(param)])
+        allowed = _ancestors([placement.write, *_alias_readers(placement.param_input)])
         between = [n for n in graph.nodes if order[placement.gradient] < order[n] < order[placement.write]]
         strays = [n.name for n in between if n not in allowed and n.meta.get(PASS_META_KEY, (None,))[0] != name]
         if strays:

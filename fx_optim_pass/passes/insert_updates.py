@@ -30,7 +30,9 @@ from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
 
 __all__ = ["PASS_META_KEY", "insert_optimizer_updates"]
 
-# node.meta[PASS_META_KEY] = (parameter name, role); roles: "update", "write_state", "write_param".
+# node.meta[PASS_META_KEY] = (parameter name, role, name of the parameter's placeholder);
+# roles: "update", "write_state", "write_param". Inductor may fold a write into an
+# in-place update node (SGD's _foreach_add_), which keeps the "update" tag.
 PASS_META_KEY = "fx_optim_pass"
 
 
@@ -79,7 +81,7 @@ def _insert_param_update(
             [current["param"], current["grad"], *extras],
             cursor,
             f"{step.op_name}_update__{name}",
-            param_update.name,
+            (param_update.name, "update", param.name),
         )
         current["param"] = new_values.get(0, current["param"])
         current["grad"] = new_values.get(1, current["grad"])
@@ -91,7 +93,7 @@ def _insert_param_update(
                     extras[slot],
                     new_values[slot + 2],
                     f"{step.op_name}_write_{key}__{name}",
-                    (param_update.name, "write_state"),
+                    (param_update.name, "write_state", param.name),
                 )
     if current["param"] is param:
         return
@@ -100,7 +102,7 @@ def _insert_param_update(
         # The parameter is still read after its gradient (e.g. the gradient of the
         # layer input, mm(grad_out, weight)): those reads must see the old value.
         cursor = last_reader
-    _write(graph, cursor, param, current["param"], f"write__{name}", (param_update.name, "write_param"))
+    _write(graph, cursor, param, current["param"], f"write__{name}", (param_update.name, "write_param", param.name))
 
 
 def _val(node: fx.Node) -> torch.Tensor:
@@ -127,7 +129,7 @@ def _inline(
     inputs: Sequence[fx.Node],
     cursor: fx.Node,
     node_name: str,
-    param_name: str,
+    tag: tuple[str, str, str],
 ) -> tuple[dict[int, fx.Node], fx.Node]:
     """Copy ``traced``'s computation after ``cursor``; return {input slot: new value} and the new cursor."""
     env: dict[fx.Node, fx.Node] = {}
@@ -153,7 +155,7 @@ def _inline(
         new.meta = {
             "val": node.meta.get("val"),
             "partitioner_tag": _torch_compat.MUST_BE_IN_BACKWARD,
-            PASS_META_KEY: (param_name, "update"),
+            PASS_META_KEY: tag,
         }
         env[node] = new
         cursor = new
@@ -161,7 +163,7 @@ def _inline(
 
 
 def _write(
-    graph: fx.Graph, cursor: fx.Node, target: fx.Node, value: fx.Node, name: str, tag: tuple[str, str]
+    graph: fx.Graph, cursor: fx.Node, target: fx.Node, value: fx.Node, name: str, tag: tuple[str, str, str]
 ) -> fx.Node:
     with graph.inserting_after(cursor):
         node = graph.create_node("call_function", torch.ops.aten.copy_.default, (target, value), name=name)
