@@ -25,6 +25,12 @@ class UsageError(ValueError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the demo parses its own options
+        from fx_optim_pass.demo import main as demo_main
+
+        demo_main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="fx-optim-pass", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     inspect_cmd = commands.add_parser("inspect", help="write the graphs, generated code, placement and an HTML report")
@@ -33,15 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     inspect_cmd.add_argument("--lr", type=float, default=1e-3)
     inspect_cmd.add_argument("--out", type=Path, default=Path("fx_optim_inspect"), help="output folder")
     inspect_cmd.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
-    demo_cmd = commands.add_parser("demo", help="train the built-in GPT eagerly and with fx_optim (make demo)")
-    demo_cmd.add_argument("demo_args", nargs=argparse.REMAINDER, help="arguments for the demo (see --help there)")
+    commands.add_parser("demo", help="train the built-in GPT eagerly and with fx_optim (make demo); demo --help")
     args = parser.parse_args(argv)
-
-    if args.command == "demo":
-        from fx_optim_pass.demo import main as demo_main
-
-        demo_main(args.demo_args)
-        return 0
     try:
         return _inspect(args)
     except Exception as error:

@@ -168,3 +168,10 @@ def test_torch_logs_prints_the_placement_table():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fx_optim_pass placement" in result.stderr
     assert "write__0_weight" in result.stderr and "write__2_bias" in result.stderr
+
+
+def test_cli_demo_runs_the_demo(tmp_path, capsys):
+    assert cli.main(["demo", "--steps", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "loss parity" in out and "peak memory / step" in out and "median step time" in out
+    assert (tmp_path / "backward.txt").read_text().count("write__") > 0
