@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from fx_optim_pass import _torch_compat
 
@@ -225,8 +226,9 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
             f"{name} on parameter {param_name!r}: in-backward optimizers hold exactly one parameter; "
             "set them up with fx_optim_pass.apply_optimizer_in_backward."
         )
-    fake_mode = FakeTensorMode()
-    fake_param = fake_mode.from_tensor(param.detach())
+    # A shape environment turns .item() into a run-time symbol instead of an error.
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake_param = fake_mode.from_tensor(param.detach(), static_shapes=True)
     init_shadow = _shadow_optimizer(optimizer, _TRACE_FLAG_CHOICES[0])
     init_shadow.param_groups[0]["params"] = [fake_param]
     with fake_mode:
@@ -242,8 +244,11 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
             )
 
     # Torch's single-tensor code reads a tensor lr as a number in some optimizers
-    # (SGD), its foreach code does not: take the first that stays in tensors.
-    for choice, flags in enumerate(_TRACE_FLAG_CHOICES):
+    # (SGD), its foreach code does not: take the first that stays in tensors, else
+    # the first that reads numbers only at run time (Muon: alpha=-lr).
+    chosen: tuple[torch.optim.Optimizer, dict[str, torch.Tensor]] | None = None
+    error: UnsupportedOptimizerError | None = None
+    for flags in _TRACE_FLAG_CHOICES:
         shadow = _shadow_optimizer(optimizer, flags)
         after: dict[str, torch.Tensor] = {}
 
@@ -253,11 +258,19 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
             after.update(step_state)  # noqa: B023
 
         try:
-            _trace_checked(probe, [fake_param, fake_grad, fake_lr, *state.values()], name, param_name)
+            graph = _trace_checked(probe, [fake_param, fake_grad, fake_lr, *state.values()], name, param_name)
+        except UnsupportedOptimizerError as failure:
+            error = error or failure
+            continue
+        if chosen is None:
+            chosen = (shadow, after)
+        if runtime_scalar_reads(graph, name, param_name) == 0:
+            chosen = (shadow, after)
             break
-        except UnsupportedOptimizerError:
-            if choice == len(_TRACE_FLAG_CHOICES) - 1:
-                raise
+    if chosen is None:
+        assert error is not None
+        raise error
+    shadow, after = chosen
     created = tuple(
         CreatedState(key, tuple(value.shape), value.dtype)
         for key, value in after.items()
@@ -276,19 +289,27 @@ def _trace_checked(fn: Callable[..., None], args: Sequence[torch.Tensor], name: 
             "Use a torch.optim optimizer whose update is tensor-only, or leave this parameter out "
             "of apply_optimizer_in_backward."
         ) from error
-    check_tensor_only(graph, name, param_name)
+    runtime_scalar_reads(graph, name, param_name)
     return graph
 
 
-def check_tensor_only(graph: fx.GraphModule, name: str, param_name: str) -> None:
-    """Refuse updates that read a tensor as a Python number: the value would be baked in."""
+def runtime_scalar_reads(graph: fx.GraphModule, name: str, param_name: str) -> int:
+    """How many tensors the update reads as numbers at run time (``.item()``).
+
+    A read whose traced value is symbolic is computed at every step; one that
+    traced to a plain number would be frozen into the graph, and is refused.
+    """
+    reads = 0
     for node in graph.graph.nodes:
         if node.target is torch.ops.aten._local_scalar_dense.default:
-            raise UnsupportedOptimizerError(
-                f"{name}.step() on parameter {param_name!r} reads a tensor as a Python number "
-                "(.item()); its value would be frozen into the compiled graph. "
-                "Use an optimizer configuration whose update stays in tensors."
-            )
+            if not isinstance(node.meta.get("val"), (torch.SymFloat, torch.SymInt, torch.SymBool)):
+                raise UnsupportedOptimizerError(
+                    f"{name}.step() on parameter {param_name!r} reads a tensor as a Python number "
+                    "(.item()) whose value would be frozen into the compiled graph. "
+                    "Use an optimizer configuration whose update stays in tensors."
+                )
+            reads += 1
+    return reads
 
 
 def trace_step(step: OptimizerStep, example_args: Sequence[torch.Tensor], param_name: str) -> fx.GraphModule:

@@ -152,11 +152,10 @@ def _inline(
                 fx.map_arg(node.kwargs, env.__getitem__),
                 name=node_name,
             )
-        new.meta = {
-            "val": node.meta.get("val"),
-            "partitioner_tag": _torch_compat.MUST_BE_IN_BACKWARD,
-            PASS_META_KEY: tag,
-        }
+        # Keep make_fx's meta (val, tensor_meta, and unbacked_bindings for a run-time
+        # .item()), but not its stack trace, which points into torch.optim.
+        new.meta = {k: v for k, v in node.meta.items() if k != "stack_trace"}
+        new.meta.update({"partitioner_tag": _torch_compat.MUST_BE_IN_BACKWARD, PASS_META_KEY: tag})
         env[node] = new
         cursor = new
     return new_values, cursor
