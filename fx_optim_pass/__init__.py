@@ -7,7 +7,7 @@
 >>> compiled(torch.randn(4, 8)).sum().backward()   # parameters updated; p.grad is None
 """
 
-from fx_optim_pass.api import apply_optimizer_in_backward, get_in_backward_optimizers
+from fx_optim_pass.api import apply_optimizer_in_backward, attach, detach, get_in_backward_optimizers
 from fx_optim_pass.dynamo_backend import OptimizerChangedError, backend, make_backend
 from fx_optim_pass.optim_lowering import UnsupportedOptimizerError
 from fx_optim_pass.report import InspectError, Report, inspect
@@ -18,7 +18,9 @@ __all__ = [
     "Report",
     "UnsupportedOptimizerError",
     "apply_optimizer_in_backward",
+    "attach",
     "backend",
+    "detach",
     "get_in_backward_optimizers",
     "inspect",
     "make_backend",

@@ -17,7 +17,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.optim_lowering import check_supported_optimizer
 
-__all__ = ["apply_optimizer_in_backward", "get_in_backward_optimizers", "updates_in_backward"]
+__all__ = ["apply_optimizer_in_backward", "attach", "detach", "get_in_backward_optimizers", "updates_in_backward"]
 
 # Weak maps, as in PyTorch's implementation: metadata must not keep parameters
 # alive nor be serialized with them.
@@ -65,13 +65,18 @@ def _apply_to_param(
     optimizer_kwargs: dict[str, Any],
     register_hook: bool,
 ) -> None:
-    optimizer = optimizer_class([param], **optimizer_kwargs)
+    _add_optimizer(param, optimizer_class([param], **optimizer_kwargs), optimizer_kwargs, register_hook)
+
+
+def _add_optimizer(
+    param: torch.Tensor, optimizer: torch.optim.Optimizer, optimizer_kwargs: dict[str, Any], register_hook: bool
+) -> None:
     if not hasattr(param, "_in_backward_optimizers"):
         param._in_backward_optimizers = []  # type: ignore[attr-defined]
         param._optimizer_classes = []  # type: ignore[attr-defined]
         param._optimizer_kwargs = []  # type: ignore[attr-defined]
     param._in_backward_optimizers.append(optimizer)  # type: ignore[attr-defined]
-    param._optimizer_classes.append(optimizer_class)  # type: ignore[attr-defined]
+    param._optimizer_classes.append(type(optimizer))  # type: ignore[attr-defined]
     param._optimizer_kwargs.append(optimizer_kwargs)  # type: ignore[attr-defined]
 
     # One hook steps every optimizer of the parameter, so one hook per parameter
@@ -92,6 +97,53 @@ def _apply_to_param(
         param.grad = None
 
     _hook_handles[param] = _accumulate_grad_nodes[param].register_hook(step_in_backward)
+
+
+def attach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Run an existing optimizer's update in the backward, for all its parameters.
+
+    Any param groups, each with its own hyperparameters. You keep the one optimizer:
+    its ``state_dict()`` is torch's format, an LR scheduler attaches to it directly,
+    ``optimizer.step()`` becomes a no-op (no parameter has a gradient left to step)
+    and ``zero_grad()`` is harmless. ``detach(optimizer)`` returns to ordinary stepping
+    with the same state. Returns ``optimizer``.
+
+    Example::
+
+        >>> import torch, fx_optim_pass as fop
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fop.attach(torch.optim.AdamW(model.parameters(), lr=1e-3))
+        >>> model(torch.randn(3, 4)).sum().backward()   # AdamW stepped here
+        >>> opt.step()                                  # nothing left to do
+    """
+    check_supported_optimizer(type(optimizer), {})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(optimizer in getattr(p, "_in_backward_optimizers", []) for p in params):
+        raise ValueError(f"{type(optimizer).__name__} is already attached; call fx_optim_pass.detach first")
+    for group in optimizer.param_groups:
+        kwargs = {k: v for k, v in group.items() if k != "params"}
+        for param in group["params"]:
+            _add_optimizer(param, optimizer, kwargs, register_hook=True)
+    return optimizer
+
+
+def detach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Undo ``attach``: ``optimizer.step()`` steps its parameters again, from the same state."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizers = getattr(param, "_in_backward_optimizers", [])
+            keep = [i for i, opt in enumerate(optimizers) if opt is not optimizer]
+            if len(keep) == len(optimizers):
+                continue
+            for attr in ("_in_backward_optimizers", "_optimizer_classes", "_optimizer_kwargs"):
+                setattr(param, attr, [getattr(param, attr)[i] for i in keep])
+            if not keep:
+                for attr in ("_in_backward_optimizers", "_optimizer_classes", "_optimizer_kwargs"):
+                    delattr(param, attr)
+                handle = _hook_handles.pop(param, None)
+                if handle is not None:
+                    handle.remove()
+    return optimizer
 
 
 def updates_in_backward(param: torch.Tensor) -> bool:

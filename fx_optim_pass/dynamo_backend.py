@@ -26,6 +26,7 @@ from fx_optim_pass.optim_lowering import (
     baked_hyperparameters,
     describe_step,
     initialize_state,
+    param_group,
 )
 from fx_optim_pass.passes import insert_optimizer_updates
 from fx_optim_pass.placement import find_placements, placement_log, placement_table
@@ -130,7 +131,7 @@ def _compile_variant(
 def runtime_signature(args: Sequence[Any]) -> tuple[Any, ...]:
     """What decides the rewritten graph, read off the parameters of one call."""
     return tuple(
-        (index, tuple((type(opt), baked_hyperparameters(opt)) for opt in arg._in_backward_optimizers))  # type: ignore[attr-defined]
+        (index, tuple((type(opt), baked_hyperparameters(opt, arg)) for opt in arg._in_backward_optimizers))  # type: ignore[attr-defined]
         for index, arg in enumerate(args)
         if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)
     )
@@ -216,7 +217,7 @@ class RuntimeInputs:
 
     def __init__(self, plan: UpdatePlan) -> None:
         self.plan = plan
-        self._lr_tensors: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[float, torch.Tensor]] = (
+        self._lr_tensors: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, tuple[float, torch.Tensor]]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -235,7 +236,7 @@ class RuntimeInputs:
         state = optimizer.state[param]
         if any(key not in state for key in step.state_keys):  # a fresh optimizer or model instance
             initialize_state(optimizer, param)
-        inputs = [self._lr(optimizer, param.device), *(state[key] for key in step.state_keys)]
+        inputs = [self._lr(optimizer, param), *(state[key] for key in step.state_keys)]
         if not step.created:
             return inputs
         if all(c.key in state for c in step.created):
@@ -251,16 +252,18 @@ class RuntimeInputs:
             _install_after_backward(optimizer, param, buffers, updated)
         return [*inputs, *buffers.values(), updated]
 
-    def _lr(self, optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
-        lr = optimizer.param_groups[0]["lr"]
+    def _lr(self, optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
+        group = param_group(optimizer, param)
+        lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             return lr
-        cached = self._lr_tensors.get(optimizer)
-        if cached is None or cached[0] != lr or cached[1].device != device:
+        per_group = self._lr_tensors.setdefault(optimizer, {})
+        cached = per_group.get(id(group))
+        if cached is None or cached[0] != lr or cached[1].device != param.device:
             # A new tensor, never an in-place fill: a graph still waiting for its
             # backward keeps the lr it was called with.
-            cached = (lr, torch.tensor(lr, dtype=torch.float32, device=device))
-            self._lr_tensors[optimizer] = cached
+            cached = (lr, torch.tensor(lr, dtype=torch.float32, device=param.device))
+            per_group[id(group)] = cached
         return cached[1]
 
 

@@ -9,6 +9,7 @@ and ``lr`` are the tensors we hand it, and trace what it does. Parity with eager
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,9 +112,10 @@ def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> N
         init_group(*args, **kwargs)
         raise _StopAfterInit
 
-    saved_grad = param.grad
+    saved_grad, saved_groups = param.grad, optimizer.param_groups
     param.grad = torch.zeros_like(param)
     optimizer._init_group = init_then_stop  # type: ignore[method-assign]
+    optimizer.param_groups = [param_group(optimizer, param)]  # the first _init_group is this one
     try:
         with torch.no_grad():
             _class_step(optimizer)
@@ -121,14 +123,36 @@ def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> N
         pass
     finally:
         del optimizer._init_group
+        optimizer.param_groups = saved_groups
         param.grad = saved_grad
 
 
-def _shadow_optimizer(optimizer: torch.optim.Optimizer, flags: dict[str, Any]) -> torch.optim.Optimizer:
-    """A copy of ``optimizer`` that shares nothing mutable with it and runs no user hooks."""
+def param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
+    """The param group of ``optimizer`` that holds ``param``."""
+    groups = optimizer.param_groups
+    if len(groups) == 1:  # the usual case, and every optimizer apply_optimizer_in_backward makes
+        return groups[0]
+    index = _group_index.get(optimizer, {}).get(id(param))
+    if index is None or index >= len(groups) or not any(p is param for p in groups[index]["params"]):
+        _group_index[optimizer] = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        index = _group_index[optimizer].get(id(param))
+        if index is None:
+            raise UnsupportedOptimizerError(
+                f"{type(optimizer).__name__} does not hold this parameter (was it removed from its param groups?)"
+            )
+    return groups[index]
+
+
+_group_index: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, int]] = weakref.WeakKeyDictionary()
+
+
+def _shadow_optimizer(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, flags: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """A one-group copy of ``optimizer`` for ``param`` that shares nothing mutable and runs no user hooks."""
     shadow = object.__new__(type(optimizer))
     shadow.__dict__.update(optimizer.__dict__)
-    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    group = {k: v for k, v in param_group(optimizer, param).items() if k != "params"}
     for key, value in flags.items():
         if key in group:
             group[key] = value
@@ -142,9 +166,9 @@ def _shadow_optimizer(optimizer: torch.optim.Optimizer, flags: dict[str, Any]) -
     return shadow
 
 
-def baked_hyperparameters(optimizer: torch.optim.Optimizer) -> tuple[tuple[str, Any], ...]:
-    """The param-group values compiled into the graph (everything but ``lr``)."""
-    group = optimizer.param_groups[0]
+def baked_hyperparameters(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[tuple[str, Any], ...]:
+    """The values of ``param``'s group compiled into the graph (everything but ``lr``)."""
+    group = param_group(optimizer, param)
     return tuple(sorted((k, repr(v)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS))
 
 
@@ -221,15 +245,10 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
     cannot be traced into a tensor-only graph; nothing real is touched.
     """
     name = type(optimizer).__name__
-    if len(optimizer.param_groups) != 1 or len(optimizer.param_groups[0]["params"]) != 1:
-        raise UnsupportedOptimizerError(
-            f"{name} on parameter {param_name!r}: in-backward optimizers hold exactly one parameter; "
-            "set them up with fx_optim_pass.apply_optimizer_in_backward."
-        )
     # A shape environment turns .item() into a run-time symbol instead of an error.
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fake_param = fake_mode.from_tensor(param.detach(), static_shapes=True)
-    init_shadow = _shadow_optimizer(optimizer, _TRACE_FLAG_CHOICES[0])
+    init_shadow = _shadow_optimizer(optimizer, param, _TRACE_FLAG_CHOICES[0])
     init_shadow.param_groups[0]["params"] = [fake_param]
     with fake_mode:
         initialize_state(init_shadow, fake_param)
@@ -249,7 +268,7 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
     chosen: tuple[torch.optim.Optimizer, dict[str, torch.Tensor]] | None = None
     error: UnsupportedOptimizerError | None = None
     for flags in _TRACE_FLAG_CHOICES:
-        shadow = _shadow_optimizer(optimizer, flags)
+        shadow = _shadow_optimizer(optimizer, param, flags)
         after: dict[str, torch.Tensor] = {}
 
         def probe(p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
@@ -276,7 +295,7 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
         for key, value in after.items()
         if key not in state and isinstance(value, torch.Tensor)
     )
-    return OptimizerStep(type(optimizer), baked_hyperparameters(optimizer), tuple(state), created, shadow)
+    return OptimizerStep(type(optimizer), baked_hyperparameters(optimizer, param), tuple(state), created, shadow)
 
 
 def _trace_checked(fn: Callable[..., None], args: Sequence[torch.Tensor], name: str, param_name: str) -> fx.GraphModule:
