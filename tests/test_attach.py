@@ -1,7 +1,5 @@
 """fx_optim_pass.attach: one existing optimizer, any param groups, run in the backward."""
 
-from copy import deepcopy
-
 import pytest
 import torch
 from torch import nn
@@ -80,7 +78,7 @@ def test_detach_returns_to_ordinary_stepping_with_the_same_state(device):
 
 
 def test_attach_twice_is_refused():
-    model, groups = model_and_groups("cpu")
+    _, groups = model_and_groups("cpu")
     opt = fop.attach(torch.optim.SGD(groups, lr=0.1))
     with pytest.raises(ValueError, match="already attached"):
         fop.attach(opt)
