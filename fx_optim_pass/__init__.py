@@ -8,11 +8,12 @@
 """
 
 from fx_optim_pass.api import apply_optimizer_in_backward, attach, detach, get_in_backward_optimizers
-from fx_optim_pass.dynamo_backend import OptimizerChangedError, backend, make_backend
+from fx_optim_pass.dynamo_backend import DoubleBackwardError, OptimizerChangedError, backend, make_backend
 from fx_optim_pass.optim_lowering import UnsupportedOptimizerError
 from fx_optim_pass.report import InspectError, Report, inspect
 
 __all__ = [
+    "DoubleBackwardError",
     "InspectError",
     "OptimizerChangedError",
     "Report",

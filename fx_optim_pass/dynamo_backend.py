@@ -33,7 +33,7 @@ from fx_optim_pass.placement import find_placements, placement_log, placement_ta
 from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
 from fx_optim_pass.testing import normalize_graph
 
-__all__ = ["GraphObserver", "OptimizerChangedError", "backend", "make_backend"]
+__all__ = ["DoubleBackwardError", "GraphObserver", "OptimizerChangedError", "backend", "make_backend"]
 
 Compiler = Literal["inductor", "aot_eager"]
 GraphObserver = Callable[[str, fx.GraphModule], None]
@@ -122,10 +122,42 @@ def _compile_variant(
     if not plan.params:
         return compiled
 
+    names = [p.name for p in plan.params]
+
     def run_with_optimizer_inputs(*args: Any) -> Any:
-        return compiled(*args, *runtime_inputs(args))
+        outputs = compiled(*args, *runtime_inputs(args))
+        _refuse_double_backward(outputs, names)
+        return outputs
 
     return run_with_optimizer_inputs
+
+
+class DoubleBackwardError(RuntimeError):
+    """``backward(create_graph=True)`` through a graph that updates parameters."""
+
+
+def _refuse_double_backward(outputs: Any, names: Sequence[str]) -> None:
+    """Raise our error, before the compiled backward changes anything, under create_graph=True.
+
+    A higher-order gradient would differentiate through the optimizer update
+    (and AOTAutograd cannot build it with the update's in-place writes).
+    """
+
+    def check(grad_outputs: Any) -> None:
+        if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
+            raise DoubleBackwardError(
+                f"backward(create_graph=True) reached a compiled graph that updates {len(names)} parameter(s) "
+                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) with their in-backward optimizers. "
+                "Compute higher-order gradients without in-backward optimizers (fx_optim_pass.detach, or "
+                "register_hook=False), or call backward() without create_graph."
+            )
+
+    seen = set()
+    for output in torch.utils._pytree.tree_leaves(outputs):
+        node = getattr(output, "grad_fn", None)
+        if node is not None and node not in seen:
+            seen.add(node)
+            node.register_prehook(check)
 
 
 def runtime_signature(args: Sequence[Any]) -> tuple[Any, ...]:

@@ -30,6 +30,28 @@ def test_forward_under_no_grad_updates_nothing(mode, device):
 
 
 @pytest.mark.parametrize("mode", COMPILED)
+def test_forward_under_inference_mode_updates_nothing(mode, device):
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1, "momentum": 0.9})
+    before = snapshot(model.parameters())
+    with torch.inference_mode():
+        in_mode(model, mode)(torch.randn(4, 6, device=device))
+    assert_params_close(model.parameters(), before)
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+def test_create_graph_gets_our_error_before_any_parameter_changes(mode, device):
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    compiled = in_mode(model, mode)
+    compiled(torch.randn(4, 6, device=device)).sum().backward()
+    before = snapshot(model.parameters())
+    with pytest.raises(fop.DoubleBackwardError, match=r"create_graph=True.*0\.weight"):
+        compiled(torch.randn(4, 6, device=device)).sum().backward(create_graph=True)
+    assert_params_close(model.parameters(), before)
+
+
+@pytest.mark.parametrize("mode", COMPILED)
 def test_parameters_without_in_backward_optimizers_get_ordinary_gradients(mode, device):
     model = mlp(device)
     reference = deepcopy(model)
@@ -109,6 +131,7 @@ def test_load_state_dict_is_honoured(device):
     for x in xs[2:]:
         compiled(x).sum().backward()
     assert_params_close(model.parameters(), after_four)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # new state tensors, no recompile
 
 
 def test_changed_optimizer_setting_recompiles_instead_of_running_a_stale_graph(device):
