@@ -97,3 +97,30 @@ def test_tied_weights_updated_once_on_the_summed_gradient(device):
         reference_opt.zero_grad()
         compiled(tokens, targets).backward()
         assert_params_close(subject.parameters(), reference.parameters())
+
+
+# torch.optim's coupled weight decay is grad.add(param, alpha=weight_decay); with the
+# gradient a matmul, Inductor's add+mm -> addmm rewrite drops alpha (see
+# passes/explicit_alpha.py). Two stacked Linear layers make the weight gradient a bare mm.
+WEIGHT_DECAY = [
+    (cls, {"lr": 0.01, "weight_decay": 0.5})
+    for cls in (torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax, torch.optim.ASGD)
+]
+
+
+@pytest.mark.parametrize("config", WEIGHT_DECAY, ids=config_id)
+def test_coupled_weight_decay_through_inductor(config, device):
+    optimizer_class, kwargs = config
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10)).to(device)
+    subject = deepcopy(reference)
+    reference_opt = optimizer_class(reference.parameters(), **kwargs)
+    fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
+    compiled = in_mode(subject, "inductor")
+    for _ in range(3):
+        x = torch.randn(4, 10, device=device)
+        reference(x).sum().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        compiled(x).sum().backward()
+        assert_params_close(subject.parameters(), reference.parameters())
