@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from copy import deepcopy
+from typing import Any
 
 import torch
 
@@ -33,3 +35,29 @@ def assert_params_differ(actual: Iterable[torch.Tensor], expected: Iterable[torc
 
 def snapshot(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
+
+
+def train_side_by_side(
+    reference: torch.nn.Module,
+    optimizer_class: type[torch.optim.Optimizer],
+    kwargs: dict[str, Any],
+    mode: str,
+    inputs: Iterable[torch.Tensor],
+    **tolerance: float,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Train ``reference`` with eager torch.optim and a copy with in-backward optimizers run in
+    ``mode``, on the same inputs; after every step the parameters must match and the copy's
+    ``.grad`` stay None. Returns the copy and the reference optimizer."""
+    subject = deepcopy(reference)
+    reference_opt = optimizer_class(reference.parameters(), **kwargs)
+    fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
+    compiled = in_mode(subject, mode)
+    for x in inputs:
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        compiled(x).pow(2).mean().backward()
+        for actual, expected in zip(subject.parameters(), reference.parameters()):
+            torch.testing.assert_close(actual, expected, **tolerance)
+        assert all(p.grad is None for p in subject.parameters())
+    return subject, reference_opt

@@ -5,15 +5,13 @@ copied). Each configuration for CPU runs on the cheap aot_eager path; one
 configuration per optimizer (the last the database yields) runs through Inductor.
 """
 
-from copy import deepcopy
-
 import pytest
 import torch
 from torch import nn
 from torch.testing._internal.common_optimizers import optim_db
 
 import fx_optim_pass as fop
-from tests.helpers import assert_params_close, in_mode
+from tests.helpers import assert_params_close, in_mode, train_side_by_side
 
 STEPS = 5
 # Need a closure or sparse gradients: refused at setup (see test_bad_input.py).
@@ -44,20 +42,10 @@ TOLERANCE = {"Muon": {"rtol": 1.6e-2, "atol": 1e-5}}
 
 
 def check_parity(optimizer_class, kwargs, mode, device):
-    reference = model_for(optimizer_class, device)
-    subject = deepcopy(reference)
-    reference_opt = optimizer_class(reference.parameters(), **kwargs)
-    fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
-    compiled = in_mode(subject, mode)
     torch.manual_seed(1)
-    for _ in range(STEPS):
-        x = torch.randn(5, 4, device=device)
-        reference(x).pow(2).mean().backward()
-        reference_opt.step()
-        reference_opt.zero_grad()
-        compiled(x).pow(2).mean().backward()
-        for actual, expected in zip(subject.parameters(), reference.parameters()):
-            torch.testing.assert_close(actual, expected, **TOLERANCE.get(optimizer_class.__name__, {}))
+    inputs = [torch.randn(5, 4, device=device) for _ in range(STEPS)]
+    tolerance = TOLERANCE.get(optimizer_class.__name__, {})
+    train_side_by_side(model_for(optimizer_class, device), optimizer_class, kwargs, mode, inputs, **tolerance)
 
 
 @pytest.mark.parametrize(("optimizer_class", "kwargs"), list(configs("cpu")))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fx_optim_pass as fop
-from tests.helpers import assert_params_close, in_mode
+from tests.helpers import assert_params_close, in_mode, train_side_by_side
 
 STEPS = 6
 
@@ -42,22 +42,12 @@ def small_model(device):
 
 
 def check_parity(optimizer_class, kwargs, mode, device):
-    reference = small_model(device)
-    subject = deepcopy(reference)
-    reference_opt = optimizer_class(reference.parameters(), **kwargs)
-    fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
-    compiled = in_mode(subject, mode)
     torch.manual_seed(1)
-    for _ in range(STEPS):
-        x = torch.randn(5, 6, device=device)
-        reference(x).pow(2).mean().backward()
-        reference_opt.step()
-        reference_opt.zero_grad()
-        compiled(x).pow(2).mean().backward()
-        assert_params_close(subject.parameters(), reference.parameters())
-        assert all(p.grad is None for p in subject.parameters())
+    inputs = [torch.randn(5, 6, device=device) for _ in range(STEPS)]
+    subject, reference_opt = train_side_by_side(small_model(device), optimizer_class, kwargs, mode, inputs)
+    reference_params = list(reference_opt.param_groups[0]["params"])
     # Same state as torch's, in torch's format: keys, dtypes, devices, values.
-    for p, ref_p in zip(subject.parameters(), reference.parameters()):
+    for p, ref_p in zip(subject.parameters(), reference_params):
         (opt,) = p._in_backward_optimizers
         state, ref_state = opt.state[p], reference_opt.state[ref_p]
         assert state.keys() == ref_state.keys()
@@ -110,17 +100,7 @@ WEIGHT_DECAY = [
 
 @pytest.mark.parametrize("config", WEIGHT_DECAY, ids=config_id)
 def test_coupled_weight_decay_through_inductor(config, device):
-    optimizer_class, kwargs = config
     torch.manual_seed(0)
-    reference = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10)).to(device)
-    subject = deepcopy(reference)
-    reference_opt = optimizer_class(reference.parameters(), **kwargs)
-    fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
-    compiled = in_mode(subject, "inductor")
-    for _ in range(3):
-        x = torch.randn(4, 10, device=device)
-        reference(x).sum().backward()
-        reference_opt.step()
-        reference_opt.zero_grad()
-        compiled(x).sum().backward()
-        assert_params_close(subject.parameters(), reference.parameters())
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10)).to(device)
+    inputs = [torch.randn(4, 10, device=device) for _ in range(3)]
+    train_side_by_side(model, *config, "inductor", inputs)
