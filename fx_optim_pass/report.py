@@ -75,12 +75,15 @@ class Report:
 
     def placement_table(self) -> str:
         """The placement as aligned text, one parameter per line."""
-        rows = [("parameter", "gradient", "write", "backward node", "kernel", "kernel call", "gradient freed")]
+        rows = [
+            ("parameter", "gradient", "update", "write", "backward node", "kernel", "kernel call", "gradient freed")
+        ]
         for p in self.placements:
             rows.append(
                 (
                     p.param,
                     p.gradient_node,
+                    _span(p.update_nodes),
                     p.write_node,
                     f"{p.backward_position + 1}/{p.backward_nodes}",
                     p.kernel or "-",
@@ -136,6 +139,7 @@ class Report:
                 (
                     p.param,
                     p.gradient_node,
+                    _span(p.update_nodes),
                     p.write_node,
                     f"{p.backward_position + 1} of {p.backward_nodes}",
                     p.kernel or "-",
@@ -319,6 +323,13 @@ def _kernel_calls(code: str) -> list[tuple[str, set[str]]]:
     return calls
 
 
+def _span(nodes: tuple[str, ...]) -> str:
+    """``first .. last (n nodes)`` of an update's node names."""
+    if not nodes:
+        return "-"
+    return nodes[0] if len(nodes) == 1 else f"{nodes[0]} .. {nodes[-1]} ({len(nodes)} nodes)"
+
+
 def _bytes(n: int) -> str:
     if n >= 2**20:
         return f"{n / 2**20:.2f} MiB"
@@ -341,7 +352,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; }}
 </style></head><body>
 <h1>fx_optim_pass report</h1>
 <h2 id="placement">Where each update landed</h2>
-<table class="placement"><tr><th>parameter</th><th>gradient node</th><th>write node</th>
+<table class="placement"><tr><th>parameter</th><th>gradient node</th><th>update nodes</th><th>write node</th>
 <th>backward node</th><th>kernel</th><th>kernel call</th><th>gradient freed in the backward</th></tr>
 {rows}</table>
 <h2 id="memory">Memory of one training step</h2>
