@@ -8,7 +8,13 @@
 """
 
 from fx_optim_pass.api import apply_optimizer_in_backward, attach, detach, get_in_backward_optimizers
-from fx_optim_pass.dynamo_backend import DoubleBackwardError, OptimizerChangedError, backend, make_backend
+from fx_optim_pass.dynamo_backend import (
+    DoubleBackwardError,
+    OptimizerChangedError,
+    PartialGradientError,
+    backend,
+    make_backend,
+)
 from fx_optim_pass.optim_lowering import UnsupportedOptimizerError
 from fx_optim_pass.report import InspectError, Report, inspect
 
@@ -16,6 +22,7 @@ __all__ = [
     "DoubleBackwardError",
     "InspectError",
     "OptimizerChangedError",
+    "PartialGradientError",
     "Report",
     "UnsupportedOptimizerError",
     "apply_optimizer_in_backward",

@@ -42,6 +42,7 @@ __all__ = [
     "run_and_get_code",
     "structured_trace_enabled",
     "trace_functional",
+    "will_run_in_this_backward",
 ]
 
 # The min-cut partitioner keeps nodes with this tag in the backward graph; without
@@ -294,6 +295,11 @@ def hooked_by_torch(param: torch.Tensor) -> bool:
     """Whether PyTorch's ``_apply_optimizer_in_backward`` registered a hook for ``param``."""
     hook_map = _torch_hook_map()
     return hook_map is not None and param in hook_map
+
+
+def will_run_in_this_backward(node: Any) -> bool:
+    """Inside a backward hook: whether the running backward will execute ``node``."""
+    return bool(torch._C._will_engine_execute_node(node))
 
 
 def accumulate_grad_node(param: torch.Tensor) -> Any:

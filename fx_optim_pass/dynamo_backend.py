@@ -33,7 +33,14 @@ from fx_optim_pass.placement import find_placements, placement_log, placement_ta
 from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
 from fx_optim_pass.testing import normalize_graph
 
-__all__ = ["DoubleBackwardError", "GraphObserver", "OptimizerChangedError", "backend", "make_backend"]
+__all__ = [
+    "DoubleBackwardError",
+    "GraphObserver",
+    "OptimizerChangedError",
+    "PartialGradientError",
+    "backend",
+    "make_backend",
+]
 
 Compiler = Literal["inductor", "aot_eager"]
 GraphObserver = Callable[[str, fx.GraphModule], None]
@@ -126,7 +133,7 @@ def _compile_variant(
 
     def run_with_optimizer_inputs(*args: Any) -> Any:
         outputs = compiled(*args, *runtime_inputs(args))
-        _refuse_double_backward(outputs, names)
+        _guard_backward(outputs, [args[p.input_index] for p in plan.params], names)
         return outputs
 
     return run_with_optimizer_inputs
@@ -136,12 +143,31 @@ class DoubleBackwardError(RuntimeError):
     """``backward(create_graph=True)`` through a graph that updates parameters."""
 
 
-def _refuse_double_backward(outputs: Any, names: Sequence[str]) -> None:
-    """Raise our error, before the compiled backward changes anything, under create_graph=True.
+class PartialGradientError(RuntimeError):
+    """A parameter updated in a compiled backward also gets gradient from another compiled call."""
 
-    A higher-order gradient would differentiate through the optimizer update
-    (and AOTAutograd cannot build it with the update's in-place writes).
+
+# Compiled calls whose backward has not run yet: (their backward node, weakly; the ids
+# of the parameters they update; those parameters' names).
+_pending_calls: list[tuple[weakref.ref[Any], dict[int, str]]] = []
+
+
+def _guard_backward(outputs: Any, params: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """Check, right before this call's compiled backward runs (so before it updates anything):
+
+    - no create_graph=True: a higher-order gradient would differentiate through the
+      update, and AOTAutograd cannot build it with the update's in-place writes;
+    - no other compiled call that updates one of the same parameters runs in this
+      backward: each would update on its own part of the gradient (a graph break
+      between two uses of a weight, or two forward calls summed into one loss).
     """
+    node = _compiled_backward_node(outputs)
+    if node is None:
+        return
+    updated = {id(p): name for p, name in zip(params, names)}
+    _pending_calls[:] = [entry for entry in _pending_calls if entry[0]() is not None]
+    entry = (weakref.ref(node), updated)
+    _pending_calls.append(entry)
 
     def check(grad_outputs: Any) -> None:
         if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
@@ -151,13 +177,31 @@ def _refuse_double_backward(outputs: Any, names: Sequence[str]) -> None:
                 "Compute higher-order gradients without in-backward optimizers (fx_optim_pass.detach, or "
                 "register_hook=False), or call backward() without create_graph."
             )
+        for other_ref, other_updated in list(_pending_calls):
+            other = other_ref()
+            shared = sorted(updated[i] for i in updated.keys() & other_updated.keys())
+            if other is not None and other is not node and shared and _torch_compat.will_run_in_this_backward(other):
+                raise PartialGradientError(
+                    f"parameter(s) {', '.join(shared)} get gradient from more than one compiled call in this "
+                    "backward (a graph break between two uses, or several forward calls in one loss); updating "
+                    "in each call would use a partial gradient. Compile with fullgraph=True and call backward() "
+                    "once per forward, or leave these parameters out of apply_optimizer_in_backward."
+                )
+        if entry in _pending_calls:
+            _pending_calls.remove(entry)
 
-    seen = set()
-    for output in torch.utils._pytree.tree_leaves(outputs):
-        node = getattr(output, "grad_fn", None)
-        if node is not None and node not in seen:
-            seen.add(node)
-            node.register_prehook(check)
+    node.register_prehook(check)
+
+
+def _compiled_backward_node(outputs: Any) -> Any:
+    """The autograd node of AOTAutograd's compiled function behind ``outputs`` (views included)."""
+    frontier = [t.grad_fn for t in torch.utils._pytree.tree_leaves(outputs) if getattr(t, "grad_fn", None)]
+    for _ in range(4):
+        for node in frontier:
+            if "CompiledFunctionBackward" in type(node).__name__:
+                return node
+        frontier = [n for node in frontier for n, _ in node.next_functions if n is not None]
+    return None
 
 
 def runtime_signature(args: Sequence[Any]) -> tuple[Any, ...]:
