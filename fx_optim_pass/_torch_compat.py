@@ -29,7 +29,6 @@ __all__ = [
     "compile_aot_eager",
     "compile_inductor",
     "copy_dynamo_graph",
-    "detect_fake_mode",
     "emit_trace_artifact",
     "grad_output_positions",
     "hooked_by_torch",
@@ -110,12 +109,6 @@ def copy_dynamo_graph(gm: fx.GraphModule, extra_inputs: Sequence[str]) -> fx.Gra
     if hasattr(gm, "_param_name_to_source"):
         copy._param_name_to_source = gm._param_name_to_source  # type: ignore[assignment]
     return copy
-
-
-def detect_fake_mode(values: Sequence[Any]) -> Any:
-    from torch._guards import detect_fake_mode as _detect
-
-    return _detect(values)
 
 
 @contextlib.contextmanager

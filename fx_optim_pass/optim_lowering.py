@@ -277,13 +277,13 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
             after.update(step_state)  # noqa: B023
 
         try:
-            graph = _trace_checked(probe, [fake_param, fake_grad, fake_lr, *state.values()], name, param_name)
+            _, reads = _trace_checked(probe, [fake_param, fake_grad, fake_lr, *state.values()], name, param_name)
         except UnsupportedOptimizerError as failure:
             error = error or failure
             continue
         if chosen is None:
             chosen = (shadow, after)
-        if runtime_scalar_reads(graph, name, param_name) == 0:
+        if reads == 0:
             chosen = (shadow, after)
             break
     if chosen is None:
@@ -298,7 +298,10 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
     return OptimizerStep(type(optimizer), baked_hyperparameters(optimizer, param), tuple(state), created, shadow)
 
 
-def _trace_checked(fn: Callable[..., None], args: Sequence[torch.Tensor], name: str, param_name: str) -> fx.GraphModule:
+def _trace_checked(
+    fn: Callable[..., None], args: Sequence[torch.Tensor], name: str, param_name: str
+) -> tuple[fx.GraphModule, int]:
+    """The traced update and how many numbers it reads at run time; refuses what cannot be traced."""
     try:
         graph = _torch_compat.trace_functional(fn, args)
     except Exception as error:
@@ -308,8 +311,7 @@ def _trace_checked(fn: Callable[..., None], args: Sequence[torch.Tensor], name: 
             "Use a torch.optim optimizer whose update is tensor-only, or leave this parameter out "
             "of apply_optimizer_in_backward."
         ) from error
-    runtime_scalar_reads(graph, name, param_name)
-    return graph
+    return graph, runtime_scalar_reads(graph, name, param_name)
 
 
 def runtime_scalar_reads(graph: fx.GraphModule, name: str, param_name: str) -> int:
@@ -333,7 +335,7 @@ def runtime_scalar_reads(graph: fx.GraphModule, name: str, param_name: str) -> i
 
 def trace_step(step: OptimizerStep, example_args: Sequence[torch.Tensor], param_name: str) -> fx.GraphModule:
     """The traced update of ``step`` on the joint graph's fake values, profiler ops removed."""
-    graph = _trace_checked(step.step_function(), example_args, step.optimizer_class.__name__, param_name)
+    graph, _ = _trace_checked(step.step_function(), example_args, step.optimizer_class.__name__, param_name)
     for node in reversed(list(graph.graph.nodes)):
         if getattr(node.target, "namespace", None) == "profiler" or (
             node.op == "call_function" and "profiler" in str(node.target) and not node.users

@@ -70,23 +70,20 @@ def _insert_param_update(
     param = placeholders[param_update.input_index]
     name = node_safe_name(param_update.name)
     cursor = grad if grad.op != "placeholder" else list(graph.find_nodes(op="placeholder"))[-1]
-    current = {"param": param, "grad": grad}
+    current = param  # the parameter's value so far: each optimizer steps on the previous one's result
     for step, input_indices in zip(param_update.steps, param_update.step_inputs):
         extras = [placeholders[i] for i in input_indices]
-        traced = trace_step(
-            step, [_val(current["param"]), _val(current["grad"]), *map(_val, extras)], param_update.name
-        )
+        traced = trace_step(step, [_val(current), _val(grad), *map(_val, extras)], param_update.name)
         make_alpha_explicit(traced.graph)  # works around an Inductor miscompile, see explicit_alpha
         new_values, cursor = _inline(
             graph,
             traced,
-            [current["param"], current["grad"], *extras],
+            [current, grad, *extras],
             cursor,
             f"{step.op_name}_update__{name}",
             (param_update.name, "update", param.name),
         )
-        current["param"] = new_values.get(0, current["param"])
-        current["grad"] = new_values.get(1, current["grad"])
+        current = new_values.get(0, current)  # torch.optim never writes the gradient (see _run_step)
         for slot, key in enumerate(step.input_names()):
             if slot + 2 in new_values:
                 cursor = _write(
@@ -97,14 +94,14 @@ def _insert_param_update(
                     f"{step.op_name}_write_{key}__{name}",
                     (param_update.name, "write_state", param.name),
                 )
-    if current["param"] is param:
+    if current is param:
         return
     last_reader = max(_readers(param), key=order.__getitem__, default=None)
     if last_reader is not None and order[last_reader] > order.get(grad, -1):
         # The parameter is still read after its gradient (e.g. the gradient of the
         # layer input, mm(grad_out, weight)): those reads must see the old value.
         cursor = last_reader
-    _write(graph, cursor, param, current["param"], f"write__{name}", (param_update.name, "write_param", param.name))
+    _write(graph, cursor, param, current, f"write__{name}", (param_update.name, "write_param", param.name))
 
 
 def _val(node: fx.Node) -> torch.Tensor:
