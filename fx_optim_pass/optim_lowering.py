@@ -9,6 +9,7 @@ and ``lr`` are the tensors we hand it, and trace what it does. Parity with eager
 from __future__ import annotations
 
 import copy
+import inspect
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
@@ -121,10 +122,23 @@ def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> N
             _class_step(optimizer)
     except _StopAfterInit:
         pass
+    except KeyError:
+        # Versions whose optimizer creates state in __init__, not in _init_group
+        # (Adagrad before torch 2.12): let a fresh instance's __init__ create it.
+        optimizer.state[param] = _state_from_constructor(optimizer, param)
     finally:
         del optimizer._init_group
         optimizer.param_groups = saved_groups
         param.grad = saved_grad
+
+
+def _state_from_constructor(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    group = param_group(optimizer, param)
+    kwargs = {k: v for k, v in group.items() if k in accepted and k != "params"}
+    with torch.no_grad():
+        fresh = type(optimizer)([param], **kwargs)
+    return dict(fresh.state.get(param, {}))
 
 
 def param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:

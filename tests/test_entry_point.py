@@ -1,10 +1,24 @@
 """`torch.compile(model, backend="fx_optim")` works before `import fx_optim_pass`."""
 
+import importlib.metadata
 import subprocess
 import sys
 import textwrap
 
+import pytest
 
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("fx_optim_pass")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# Entry points exist only once the package is installed (`make test` installs it);
+# a bare source tree on PYTHONPATH, as on the GPU machine, has none to find.
+@pytest.mark.skipif(not _installed(), reason="fx_optim_pass is not installed, so it has no entry point")
 def test_backend_is_found_by_name_without_importing_the_package():
     script = textwrap.dedent(
         """

@@ -104,3 +104,36 @@ def test_coupled_weight_decay_through_inductor(config, device):
     model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10)).to(device)
     inputs = [torch.randn(4, 10, device=device) for _ in range(3)]
     train_side_by_side(model, *config, "inductor", inputs)
+
+
+class StateFromInit(torch.optim.Optimizer):
+    """A user's optimizer that creates its state in ``__init__`` and only reads it in
+    ``_init_group``, as torch 2.11's Adagrad does."""
+
+    def __init__(self, params, lr=0.1, beta=0.9):
+        super().__init__(params, {"lr": lr, "beta": beta})
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["average"] = torch.zeros_like(p)
+
+    def _init_group(self, group, params, grads, averages):
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                grads.append(p.grad)
+                averages.append(self.state[p]["average"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params, grads, averages = [], [], []
+            self._init_group(group, params, grads, averages)
+            for p, g, average in zip(params, grads, averages):
+                average.mul_(group["beta"]).add_(g)
+                p.sub_(average * group["lr"])
+
+
+def test_own_optimizer_with_state_made_in_init(device):
+    torch.manual_seed(1)
+    inputs = [torch.randn(5, 6, device=device) for _ in range(STEPS)]
+    train_side_by_side(small_model(device), StateFromInit, {"lr": 0.05}, "aot_eager", inputs)

@@ -19,6 +19,9 @@ STEPS = 6
 
 def run_and_compare(inp, reference, reference_optimizers, subject, mode):
     compiled = in_mode(subject, mode)
+    # On CUDA, cuBLAS picks other kernels for the compiled backward's matmuls, and
+    # torch's lr=1.0 grows their last-bit differences over the steps.
+    tolerance = {} if inp.device.type == "cpu" else {"rtol": 1e-4, "atol": 1e-5}
     for _ in range(STEPS):
         reference(inp).sum().backward()
         for opt in reference_optimizers:
@@ -26,7 +29,8 @@ def run_and_compare(inp, reference, reference_optimizers, subject, mode):
         for opt in reference_optimizers:
             opt.zero_grad(set_to_none=True)
         compiled(inp).sum().backward()
-        assert_params_close(subject.parameters(), reference.parameters())
+        for actual, expected in zip(subject.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(actual, expected, **tolerance)
         assert all(p.grad is None for p in subject.parameters())
 
 
@@ -39,8 +43,11 @@ def test_apply_optimizer_in_backward(mode, share_params, device):
         model[0].weight = model[1].weight
     weights = [m.weight for m in model]
     biases = [m.bias for m in model]
-    optim_weight = torch.optim.SGD(weights, lr=1.0)
-    optim_bias = torch.optim.SGD(biases, lr=0.5)
+    # A shared weight is listed twice and so stepped twice, one after the other, as
+    # the in-backward hooks do; torch's foreach path (the CUDA default) reads both
+    # entries before writing either, so the reference takes the for-loop path.
+    optim_weight = torch.optim.SGD(weights, lr=1.0, foreach=False)
+    optim_bias = torch.optim.SGD(biases, lr=0.5, foreach=False)
     subject = deepcopy(model)
     fop.apply_optimizer_in_backward(torch.optim.SGD, [m.weight for m in subject], {"lr": 1.0})
     fop.apply_optimizer_in_backward(torch.optim.SGD, [m.bias for m in subject], {"lr": 0.5})
