@@ -140,13 +140,27 @@ def trace_functional(fn: Callable[..., Any], example_args: Sequence[torch.Tensor
     from torch.func import functionalize
 
     fake_mode = next((a.fake_mode for a in example_args if isinstance(a, FakeTensor)), None)
-    ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
-    with ctx:
+    with contextlib.ExitStack() as stack:
+        if fake_mode is not None:
+            stack.enter_context(fake_mode)
+            # Dynamo allows .item() to become a symbol only with fullgraph=True; the
+            # update's own run-time reads (hyperparameters) need it in every graph.
+            stack.enter_context(_allow_scalar_outputs(fake_mode))
         return make_fx(
             functionalize(fn, remove="mutations_and_views"),
             decomposition_table=select_decomp_table(),
             tracing_mode="real" if fake_mode is not None else "fake",
         )(*example_args)
+
+
+@contextlib.contextmanager
+def _allow_scalar_outputs(fake_mode: Any) -> Iterator[None]:
+    old = fake_mode.allow_scalar_outputs
+    fake_mode.allow_scalar_outputs = True
+    try:
+        yield
+    finally:
+        fake_mode.allow_scalar_outputs = old
 
 
 def is_view_op(node: fx.Node) -> bool:
@@ -197,6 +211,23 @@ def _boxed_nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..
     from torch._dynamo.backends.debugging import boxed_nop
 
     return boxed_nop(gm, list(example_inputs))
+
+
+def with_scalar_symbols(example_inputs: Sequence[Any]) -> list[Any]:
+    """Fake copies (static shapes) of real example inputs, in a fake mode with a shape
+    environment, so that run-time ``.item()`` reads trace to symbols.
+
+    Dynamo's inputs already come in such a mode; a graph compiled again at run time,
+    outside Dynamo, would otherwise get AOTAutograd's own mode without one.
+    """
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    if detect_fake_mode(example_inputs) is not None:
+        return list(example_inputs)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
 
 def compile_aot_eager(

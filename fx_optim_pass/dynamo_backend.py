@@ -23,8 +23,9 @@ from fx_optim_pass import _torch_compat
 from fx_optim_pass.api import updates_in_backward
 from fx_optim_pass.optim_lowering import (
     OptimizerStep,
-    baked_hyperparameters,
+    compiled_setup,
     describe_step,
+    hyperparameter_tensor,
     initialize_state,
     param_group,
 )
@@ -120,7 +121,7 @@ def _compile_variant(
 ) -> Callable[..., Any]:
     runtime_inputs = RuntimeInputs(plan)
     graph = _torch_compat.copy_dynamo_graph(gm, _extra_input_names(plan))
-    example = [*example_inputs, *runtime_inputs(example_inputs, for_compile=True)]
+    example = _torch_compat.with_scalar_symbols([*example_inputs, *runtime_inputs(example_inputs, for_compile=True)])
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
         compiled = _torch_compat.compile_inductor(graph, example, joint_pass, observe, use_caches=observe is _ignore)
@@ -207,7 +208,7 @@ def _compiled_backward_node(outputs: Any) -> Any:
 def runtime_signature(args: Sequence[Any]) -> tuple[Any, ...]:
     """What decides the rewritten graph, read off the parameters of one call."""
     return tuple(
-        (index, tuple((type(opt), baked_hyperparameters(opt, arg)) for opt in arg._in_backward_optimizers))  # type: ignore[attr-defined]
+        (index, tuple((type(opt), compiled_setup(opt, arg)) for opt in arg._in_backward_optimizers))  # type: ignore[attr-defined]
         for index, arg in enumerate(args)
         if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)
     )
@@ -293,9 +294,10 @@ class RuntimeInputs:
 
     def __init__(self, plan: UpdatePlan) -> None:
         self.plan = plan
-        self._lr_tensors: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, tuple[float, torch.Tensor]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per optimizer, per (group, input name): the value last passed and its tensor.
+        self._scalars: weakref.WeakKeyDictionary[
+            torch.optim.Optimizer, dict[tuple[int, str], tuple[float, torch.Tensor]]
+        ] = weakref.WeakKeyDictionary()
 
     def __call__(self, args: Sequence[Any], *, for_compile: bool = False) -> list[torch.Tensor]:
         inputs: list[torch.Tensor] = []
@@ -312,7 +314,15 @@ class RuntimeInputs:
         state = optimizer.state[param]
         if any(key not in state for key in step.state_keys):  # a fresh optimizer or model instance
             initialize_state(optimizer, param)
-        inputs = [self._lr(optimizer, param), *(state[key] for key in step.state_keys)]
+        group = param_group(optimizer, param)
+        inputs = [
+            self._lr(optimizer, group),
+            *(
+                self._scalar(optimizer, group, h.name, h.read(group), hyperparameter_tensor)
+                for h in step.hyperparameters
+            ),
+            *(state[key] for key in step.state_keys),
+        ]
         if not step.created:
             return inputs
         if all(c.key in state for c in step.created):
@@ -328,18 +338,29 @@ class RuntimeInputs:
             _install_after_backward(optimizer, param, buffers, updated)
         return [*inputs, *buffers.values(), updated]
 
-    def _lr(self, optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
-        group = param_group(optimizer, param)
+    def _lr(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> torch.Tensor:
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             return lr
-        per_group = self._lr_tensors.setdefault(optimizer, {})
-        cached = per_group.get(id(group))
-        if cached is None or cached[0] != lr or cached[1].device != param.device:
-            # A new tensor, never an in-place fill: a graph still waiting for its
-            # backward keeps the lr it was called with.
-            cached = (lr, torch.tensor(lr, dtype=torch.float32, device=param.device))
-            per_group[id(group)] = cached
+        return self._scalar(optimizer, group, "lr", lr, hyperparameter_tensor)
+
+    def _scalar(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict[str, Any],
+        name: str,
+        value: float,
+        make: Callable[[float], torch.Tensor],
+    ) -> torch.Tensor:
+        """The tensor holding ``value``, made again only when the value changed.
+
+        A new tensor, never an in-place fill: a graph still waiting for its backward
+        keeps the values it was called with."""
+        per_group = self._scalars.setdefault(optimizer, {})
+        cached = per_group.get((id(group), name))
+        if cached is None or cached[0] != value:
+            cached = (value, make(value))
+            per_group[(id(group), name)] = cached
         return cached[1]
 
 

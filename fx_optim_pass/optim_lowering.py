@@ -24,11 +24,15 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from fx_optim_pass import _torch_compat
 
 __all__ = [
+    "Hyperparameter",
     "OptimizerStep",
     "UnsupportedOptimizerError",
     "check_supported_optimizer",
+    "compiled_setup",
     "describe_step",
+    "hyperparameter_tensor",
     "initialize_state",
+    "runtime_hyperparameters",
 ]
 
 # Group keys that only say how torch runs the math, not what it computes; the
@@ -37,9 +41,65 @@ _TRACE_FLAG_CHOICES = (
     {"foreach": False, "fused": None, "capturable": True, "differentiable": False},
     {"foreach": True, "fused": None, "capturable": True, "differentiable": False},
 )
-# Group keys read at run time rather than baked into the graph.
-RUNTIME_HYPERPARAMETERS = ("lr",)
-_IGNORED_GROUP_KEYS = {"params", "initial_lr", *RUNTIME_HYPERPARAMETERS}
+# ``lr`` is a graph input of its own (a tensor on the parameter's device: torch's
+# capturable code paths take it as one); the other float hyperparameters are
+# ``Hyperparameter`` inputs. Group keys that never reach the graph are ignored.
+_IGNORED_GROUP_KEYS = {"params", "initial_lr", "lr"}
+
+# torch.optim's code branches on some float hyperparameters (``weight_decay != 0``,
+# ``momentum > 0``), and torch's lerp picks its formula by whether its weight,
+# ``1 - beta``, is below 0.5 in magnitude. A graph traced for one value holds for
+# every value on the same side of each of these landmarks; which side is part of
+# the compiled setup (changing it compiles anew), and a value on a landmark is
+# compiled in as a constant.
+_LANDMARKS = (0.0, 0.5, 1.0, 1.5)
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A float of a param group that the graph reads at every step: ``group[key]``, or
+    ``group[key][index]`` inside a tuple such as ``betas``."""
+
+    key: str
+    index: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.key if self.index is None else f"{self.key}_{self.index}"
+
+    def read(self, group: dict[str, Any]) -> float:
+        value = group[self.key]
+        return value if self.index is None else value[self.index]
+
+
+def _is_runtime_float(value: Any) -> bool:
+    return type(value) is float and value not in _LANDMARKS
+
+
+def _region(value: float) -> tuple[int, ...]:
+    """Which side of each landmark ``value`` lies on."""
+    return tuple((value > mark) - (value < mark) for mark in _LANDMARKS)
+
+
+def runtime_hyperparameters(group: dict[str, Any]) -> tuple[Hyperparameter, ...]:
+    """The floats of ``group`` read at run time, in a fixed order."""
+    found: list[Hyperparameter] = []
+    for key in sorted(k for k in group if k not in _IGNORED_GROUP_KEYS):
+        value = group[key]
+        if _is_runtime_float(value):
+            found.append(Hyperparameter(key))
+        elif isinstance(value, tuple):
+            found.extend(Hyperparameter(key, i) for i, item in enumerate(value) if _is_runtime_float(item))
+    return tuple(found)
+
+
+def _setup_value(value: Any) -> Any:
+    if _is_runtime_float(value):
+        return ("run-time float", _region(value))
+    if isinstance(value, tuple):
+        return tuple(_setup_value(item) for item in value)
+    return repr(value)
+
 
 _UNTRACEABLE = {
     "LBFGS": "it needs a closure that re-evaluates the model",
@@ -68,11 +128,22 @@ def check_supported_optimizer(optimizer_class: type, optimizer_kwargs: dict[str,
 
 
 def _run_step(
-    shadow: torch.optim.Optimizer, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, state: dict[str, Any]
+    shadow: torch.optim.Optimizer,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    lr: torch.Tensor,
+    state: dict[str, Any],
+    hyperparameters: dict[Hyperparameter, torch.Tensor],
 ) -> None:
-    """Torch's own ``step()`` of ``shadow`` on exactly these tensors (mutated in place)."""
-    shadow.param_groups[0]["params"] = [param]
-    shadow.param_groups[0]["lr"] = lr
+    """Torch's own ``step()`` of ``shadow`` on exactly these tensors (mutated in place),
+    with each run-time hyperparameter read from its 0-d tensor."""
+    group = shadow.param_groups[0]
+    saved = dict(group)
+    group.update(_read_hyperparameters(group, hyperparameters))
+    group["params"] = [param]
+    # A float lr is read like the other hyperparameters, but with no landmarks:
+    # torch.optim's updates never branch on it. A tensor lr stays a tensor.
+    group["lr"] = lr if isinstance(saved["lr"], torch.Tensor) else lr.item()
     shadow.state = defaultdict(dict, {param: state})
     # torch's foreach paths may update p.grad in place (SGD nesterov); each step
     # gets its own copy, as on torch's default single-tensor CPU path.
@@ -82,8 +153,30 @@ def _run_step(
             _class_step(shadow)
     finally:
         param.grad = None
-        shadow.param_groups[0]["params"] = []
+        group.clear()
+        group.update(saved, params=[])
         shadow.state = defaultdict(dict)
+
+
+def _read_hyperparameters(group: dict[str, Any], hyperparameters: dict[Hyperparameter, torch.Tensor]) -> dict[str, Any]:
+    """Group values with each run-time float replaced by a number read from its tensor.
+
+    Traced, the read is a symbol that torch's code computes with like a float; the
+    checks tell the tracer which side of each landmark it lies on (see ``_LANDMARKS``).
+    """
+    values: dict[str, Any] = {}
+    for hyperparameter, tensor in hyperparameters.items():
+        number = tensor.item()
+        traced = hyperparameter.read(group)
+        for mark in _LANDMARKS:
+            torch._check(number > mark if traced > mark else number < mark)
+        if hyperparameter.index is None:
+            values[hyperparameter.key] = number
+        else:
+            items = list(values.get(hyperparameter.key, group[hyperparameter.key]))
+            items[hyperparameter.index] = number
+            values[hyperparameter.key] = tuple(items)
+    return values
 
 
 def _class_step(optimizer: torch.optim.Optimizer) -> None:
@@ -180,10 +273,13 @@ def _shadow_optimizer(
     return shadow
 
 
-def baked_hyperparameters(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[tuple[str, Any], ...]:
-    """The values of ``param``'s group compiled into the graph (everything but ``lr``)."""
+def compiled_setup(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[tuple[str, Any], ...]:
+    """What of ``param``'s group is compiled into the graph: every value that is not a
+    run-time float, and for run-time floats the side of each landmark they lie on."""
     group = param_group(optimizer, param)
-    return tuple(sorted((k, repr(v)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS))
+    setup = [(k, _setup_value(v)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS]
+    setup.append(("lr", "tensor" if isinstance(group["lr"], torch.Tensor) else "run-time float"))
+    return tuple(sorted(setup))
 
 
 @dataclass(frozen=True)
@@ -199,24 +295,26 @@ class CreatedState:
 class OptimizerStep:
     """How one optimizer of one parameter runs in the graph.
 
-    Graph inputs, in order: ``lr``, then the state tensors ``state_keys`` (created
-    by ``initialize_state``), then for ``created`` state one buffer each plus a
-    0-d bool "state already exists" flag, which the update sets to True.
+    Graph inputs, in order: ``lr`` and the other run-time ``hyperparameters``
+    (0-d float64 CPU tensors; a tensor lr is passed as it is), the state tensors ``state_keys`` (created by
+    ``initialize_state``), then for ``created`` state one buffer each plus a 0-d
+    bool "state already exists" flag, which the update sets to True.
     """
 
     optimizer_class: type[torch.optim.Optimizer]
-    hyperparameters: tuple[tuple[str, Any], ...]
+    setup: tuple[tuple[str, Any], ...]
+    hyperparameters: tuple[Hyperparameter, ...]
     state_keys: tuple[str, ...]
     created: tuple[CreatedState, ...]
     shadow: torch.optim.Optimizer = field(compare=False, repr=False)
 
     @property
     def num_inputs(self) -> int:
-        return len(RUNTIME_HYPERPARAMETERS) + len(self.state_keys) + len(self.created) + bool(self.created)
+        return len(self.input_names())
 
     def input_names(self) -> list[str]:
         """Names of this step's graph inputs, in order."""
-        names = [*RUNTIME_HYPERPARAMETERS, *self.state_keys, *(c.key for c in self.created)]
+        names = ["lr", *(h.name for h in self.hyperparameters), *self.state_keys, *(c.key for c in self.created)]
         return names + (["state_exists"] if self.created else [])
 
     @property
@@ -226,24 +324,26 @@ class OptimizerStep:
     def step_function(self) -> Callable[..., None]:
         """A function ``(param, grad, lr, *state, *created, [exists]) -> None`` that
         mutates its inputs exactly as torch's ``step()`` would."""
-        shadow, state_keys = self.shadow, self.state_keys
+        shadow, state_keys, runtime = self.shadow, self.state_keys, self.hyperparameters
         created_keys = tuple(c.key for c in self.created)
 
         def update(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
+            hyperparameters = dict(zip(runtime, tensors[: len(runtime)]))
+            tensors = tensors[len(runtime) :]
             state = dict(zip(state_keys, tensors[: len(state_keys)]))
             if not created_keys:
-                _run_step(shadow, param, grad, lr, state)
+                _run_step(shadow, param, grad, lr, state, hyperparameters)
                 return
             created = tensors[len(state_keys) : len(state_keys) + len(created_keys)]
             exists = tensors[-1]
             # Torch's first step takes another path (SGD: buffer = grad, not the
             # damped average). Trace both from torch's code and select per step.
             first_param, first_state = param.clone(), {k: v.clone() for k, v in state.items()}
-            _run_step(shadow, first_param, grad, lr, first_state)
+            _run_step(shadow, first_param, grad, lr, first_state, hyperparameters)
             later_param = param.clone()
             later_state = {k: v.clone() for k, v in state.items()}
             later_state.update({k: buf.clone() for k, buf in zip(created_keys, created)})
-            _run_step(shadow, later_param, grad, lr, later_state)
+            _run_step(shadow, later_param, grad, lr, later_state, hyperparameters)
             param.copy_(torch.where(exists, later_param, first_param))
             for key, tensor in [*state.items(), *zip(created_keys, created)]:
                 tensor.copy_(torch.where(exists, later_state[key], first_state[key]))
@@ -264,11 +364,21 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
     fake_param = fake_mode.from_tensor(param.detach(), static_shapes=True)
     init_shadow = _shadow_optimizer(optimizer, param, _TRACE_FLAG_CHOICES[0])
     init_shadow.param_groups[0]["params"] = [fake_param]
+    runtime = runtime_hyperparameters(param_group(optimizer, param))
     with fake_mode:
         initialize_state(init_shadow, fake_param)
-        fake_lr = torch.empty((), dtype=torch.float32)
+        lr = param_group(optimizer, param)["lr"]
+        fake_lr = fake_mode.from_tensor(lr) if isinstance(lr, torch.Tensor) else torch.empty((), dtype=torch.float64)
         fake_grad = torch.empty_like(fake_param)
-    state = dict(init_shadow.state.get(fake_param, {}))
+        # empty, not torch.tensor(value): a fake tensor made from a number is a constant, read as that number
+        fake_hyperparameters = [torch.empty((), dtype=torch.float64) for _ in runtime]
+    # Fresh fakes: state made from numbers (torch.tensor(0.0)) would be a fake
+    # constant, read as that number instead of a run-time value.
+    with fake_mode:
+        state = {
+            k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v
+            for k, v in init_shadow.state.get(fake_param, {}).items()
+        }
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise UnsupportedOptimizerError(
@@ -276,9 +386,9 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
                 "not a tensor, so it cannot live in the compiled graph."
             )
 
-    # Torch's single-tensor code reads a tensor lr as a number in some optimizers
-    # (SGD), its foreach code does not: take the first that stays in tensors, else
-    # the first that reads numbers only at run time (Muon: alpha=-lr).
+    # Some of torch's code reads tensors as numbers (a user's tensor lr in SGD's
+    # single-tensor code; Muon): take the first variant that reads nothing but the
+    # hyperparameters, else the first whose reads all happen at run time.
     chosen: tuple[torch.optim.Optimizer, dict[str, torch.Tensor]] | None = None
     error: UnsupportedOptimizerError | None = None
     for flags in _TRACE_FLAG_CHOICES:
@@ -286,15 +396,17 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
         after: dict[str, torch.Tensor] = {}
 
         def probe(p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
-            step_state = dict(zip(state, tensors))
-            _run_step(shadow, p, g, lr, step_state)  # noqa: B023 (called right here)
+            step_state = dict(zip(state, tensors[len(runtime) :]))
+            _run_step(shadow, p, g, lr, step_state, dict(zip(runtime, tensors)))  # noqa: B023 (called right here)
             after.update(step_state)  # noqa: B023
 
+        example = [fake_param, fake_grad, fake_lr, *fake_hyperparameters, *state.values()]
         try:
-            _, reads = _trace_checked(probe, [fake_param, fake_grad, fake_lr, *state.values()], name, param_name)
+            _, reads = _trace_checked(probe, example, name, param_name)
         except UnsupportedOptimizerError as failure:
             error = error or failure
             continue
+        reads -= len(runtime) + (not isinstance(lr, torch.Tensor))  # the hyperparameters' own reads
         if chosen is None:
             chosen = (shadow, after)
         if reads == 0:
@@ -309,7 +421,13 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
         for key, value in after.items()
         if key not in state and isinstance(value, torch.Tensor)
     )
-    return OptimizerStep(type(optimizer), baked_hyperparameters(optimizer, param), tuple(state), created, shadow)
+    return OptimizerStep(type(optimizer), compiled_setup(optimizer, param), runtime, tuple(state), created, shadow)
+
+
+def hyperparameter_tensor(value: float) -> torch.Tensor:
+    """The graph input carrying one run-time hyperparameter: a float64 CPU scalar, so
+    reading it is exact (it holds the Python float) and never waits for a GPU."""
+    return torch.tensor(value, dtype=torch.float64, device="cpu")
 
 
 def _trace_checked(

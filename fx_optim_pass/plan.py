@@ -44,9 +44,7 @@ class UpdatePlan:
 
     def signature(self) -> tuple[object, ...]:
         """The per-parameter optimizer setup this plan was made for (see ``runtime_signature``)."""
-        return tuple(
-            (p.input_index, tuple((s.optimizer_class, s.hyperparameters) for s in p.steps)) for p in self.params
-        )
+        return tuple((p.input_index, tuple((s.optimizer_class, s.setup) for s in p.steps)) for p in self.params)
 
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph, for Inductor's and AOTAutograd's caches:
@@ -55,7 +53,9 @@ class UpdatePlan:
         for p in self.params:
             parts.append(f"{p.input_index}:{p.name}:{p.step_inputs}")
             for s in p.steps:
-                parts.append(f"{_class_key(s.optimizer_class)}:{s.hyperparameters}:{s.state_keys}:{s.created}")
+                parts.append(
+                    f"{_class_key(s.optimizer_class)}:{s.setup}:{s.hyperparameters}:{s.state_keys}:{s.created}"
+                )
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

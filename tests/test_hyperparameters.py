@@ -1,0 +1,129 @@
+"""Float hyperparameters are read at every step; structural flags recompile.
+
+Schedulers (OneCycleLR cycles betas or momentum as well as lr, ReduceLROnPlateau)
+and hand edits of ``param_groups`` take effect on the next step with no new graph.
+A recompile is counted as a new AOTAutograd compile: our backend compiles a new
+variant for a changed setup without Dynamo knowing.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import fx_optim_pass as fop
+from tests.helpers import assert_params_close, in_mode
+
+STEPS = 20
+
+
+def model_pair(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    return model, reference
+
+
+def compiles() -> int:
+    return torch._dynamo.utils.counters["aot_autograd"]["total"]
+
+
+def train(model, opt, reference, ref_opt, mode, device, before_step):
+    """Train both for STEPS steps; ``before_step(step, opt)`` edits each optimizer alike.
+    Returns the number of compiles after the first step."""
+    compiled = in_mode(model, mode)
+    fop.attach(opt)
+    after_first = None
+    for step in range(STEPS):
+        for optimizer in (opt, ref_opt):
+            before_step(step, optimizer)
+        x = torch.randn(4, 6, device=device)
+        loss = compiled(x).pow(2).mean()
+        loss.backward()
+        ref_loss = reference(x).pow(2).mean()
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
+        if after_first is None:
+            after_first = compiles()
+    return compiles() - after_first
+
+
+ADAMW = (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05})  # OneCycleLR cycles betas[0]
+SGD = (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True})  # it cycles momentum
+ONE_CYCLE = [(ADAMW, "aot_eager"), (SGD, "aot_eager"), (ADAMW, "inductor")]
+
+
+@pytest.mark.parametrize(("config", "mode"), ONE_CYCLE, ids=lambda c: c if isinstance(c, str) else c[0].__name__)
+def test_one_cycle_lr_with_momentum_cycling_never_recompiles(config, mode, device):
+    cls, kwargs = config
+    model, reference = model_pair(device)
+    opt, ref_opt = cls(model.parameters(), **kwargs), cls(reference.parameters(), **kwargs)
+    schedulers = {
+        id(o): torch.optim.lr_scheduler.OneCycleLR(o, max_lr=kwargs["lr"] * 10, total_steps=STEPS, cycle_momentum=True)
+        for o in (opt, ref_opt)
+    }
+    seen_momenta = set()
+
+    def schedule(step, optimizer):
+        if step:
+            schedulers[id(optimizer)].step()
+        group = optimizer.param_groups[0]
+        seen_momenta.add(group["betas"][0] if "betas" in group else group["momentum"])
+
+    assert train(model, opt, reference, ref_opt, mode, device, schedule) == 0
+    assert len(seen_momenta) > STEPS // 2, "the schedule did not cycle momentum"
+
+
+def test_hand_edits_of_every_float_take_effect_without_recompiling(device):
+    model, reference = model_pair(device)
+    kwargs = {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}
+    opt, ref_opt = torch.optim.Adam(model.parameters(), **kwargs), torch.optim.Adam(reference.parameters(), **kwargs)
+
+    def edit(step, optimizer):
+        group = optimizer.param_groups[0]
+        group["betas"] = (0.8 + 0.01 * step, 0.99 - 0.001 * step)
+        group["eps"] = 1e-6 * (step + 1)
+        group["weight_decay"] = 0.1 / (step + 1)
+
+    assert train(model, opt, reference, ref_opt, "aot_eager", device, edit) == 0
+
+
+def test_reduce_lr_on_plateau_takes_effect_without_recompiling(device):
+    model, reference = model_pair(device)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1, lr_decay=0.01)
+    ref_opt = torch.optim.Adagrad(reference.parameters(), lr=0.1, lr_decay=0.01)
+    schedulers = {id(o): torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5) for o in (opt, ref_opt)}
+
+    def plateau(step, optimizer):
+        schedulers[id(optimizer)].step(1.0)  # a flat metric: lr halves every step
+
+    assert train(model, opt, reference, ref_opt, "aot_eager", device, plateau) == 0
+    assert opt.param_groups[0]["lr"] < 0.1 * 0.5**10
+
+
+def test_crossing_a_branch_of_torchs_code_recompiles_and_stays_correct(device):
+    """weight_decay 0 -> 0.1 switches torch's code path (``if weight_decay != 0``): a new graph, right values."""
+    model, reference = model_pair(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+
+    def switch(step, optimizer):
+        optimizer.param_groups[0]["weight_decay"] = 0.1 if step >= STEPS // 2 else 0.0
+
+    assert train(model, opt, reference, ref_opt, "aot_eager", device, switch) == 1
+
+
+def test_structural_flag_change_recompiles(device):
+    model, reference = model_pair(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+
+    def amsgrad_later(step, optimizer):
+        if step == STEPS // 2:
+            optimizer.param_groups[0]["amsgrad"] = True
+            for p in optimizer.param_groups[0]["params"]:  # torch creates this state on the first step only
+                optimizer.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
+
+    assert train(model, opt, reference, ref_opt, "aot_eager", device, amsgrad_later) == 1
