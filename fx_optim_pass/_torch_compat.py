@@ -26,6 +26,7 @@ __all__ = [
     "MUST_BE_IN_BACKWARD",
     "CustomGraphPass",
     "accumulate_grad_node",
+    "all_reduce_ops",
     "compile_aot_eager",
     "compile_inductor",
     "copy_dynamo_graph",
@@ -37,9 +38,12 @@ __all__ = [
     "normalize_gm",
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
+    "process_group_name",
     "qualified_name_from_source",
     "run_and_get_code",
+    "run_on_fake",
     "structured_trace_enabled",
+    "sync_module_states",
     "trace_functional",
     "will_run_in_this_backward",
 ]
@@ -298,3 +302,46 @@ def will_run_in_this_backward(node: Any) -> bool:
 def accumulate_grad_node(param: torch.Tensor) -> Any:
     """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on)."""
     return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+
+def all_reduce_ops() -> tuple[Any, Any]:
+    """PyTorch's functional collectives ``(all_reduce, wait_tensor)`` as aten-style overloads.
+
+    ``all_reduce(t, reduce_op, group_name)`` returns a new tensor whose value is ready after
+    ``wait_tensor``; AOTAutograd, the partitioner and Inductor (which lowers them to its
+    own in-place collective kernels) all understand them. Gloo supports ``"avg"``.
+    """
+    import torch.distributed._functional_collectives  # registers the ops and their fake impls
+
+    ops = torch.ops._c10d_functional
+    return ops.all_reduce.default, ops.wait_tensor.default
+
+
+def process_group_name(group: Any) -> str:
+    """The name under which functional collectives find ``group`` (a ``ProcessGroup``)."""
+    from torch.distributed._functional_collectives import _resolve_group_name
+
+    return str(_resolve_group_name(group))
+
+
+def run_on_fake(fn: Callable[..., Any], *fake_args: Any) -> Any:
+    """``fn(*fake_args)`` under the fake mode the arguments belong to (to get a node's ``meta["val"]``)."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(fake_args)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        return fn(*fake_args)
+
+
+# DistributedDataParallel's own bucket size for its setup broadcast.
+_BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
+
+
+def sync_module_states(module: torch.nn.Module, group: Any) -> None:
+    """DDP's setup step: broadcast parameters and buffers from the group's rank 0, coalesced."""
+    from torch.distributed.utils import _sync_module_states
+
+    _sync_module_states(module, group, _BROADCAST_BUCKET_BYTES, 0, (), broadcast_buffers=True)

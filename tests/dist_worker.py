@@ -1,0 +1,152 @@
+"""One rank of the data-parallel tests, started by ``torchrun`` from ``test_data_parallel.py``.
+
+    torchrun --nproc-per-node 2 tests/dist_worker.py OUT_DIR CASE [CASE ...]
+
+Runs each named case and writes ``OUT_DIR/rank<r>.json``: {case: "ok" or the error}.
+Every case is run by every rank; a failing case is recorded and the next one runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from copy import deepcopy
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import fx_optim_pass as fop
+
+STEPS = 5
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+}
+
+
+def model_of_rank(rank: int, hidden: int = 16) -> nn.Module:
+    """A different initialization on every rank: data_parallel and DDP must both start from rank 0's."""
+    torch.manual_seed(100 + rank)
+    return nn.Sequential(nn.Linear(6, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+
+def batches(rank: int) -> list[torch.Tensor]:
+    torch.manual_seed(1000 + rank)  # each rank trains on its own data
+    return [torch.randn(5, 6) for _ in range(STEPS)]
+
+
+def count_collectives(graphs: dict[str, list[torch.fx.GraphModule]], kind: str) -> int:
+    return sum(
+        1
+        for gm in graphs.get(kind, [])
+        for node in gm.graph.nodes
+        if node.op == "call_function" and "all_reduce" in str(node.target)
+    )
+
+
+def parity_with_ddp(optimizer: str, compiler: str) -> None:
+    """5 steps of data_parallel + in-backward optimizer == DDP + eager torch.optim, on every rank."""
+    rank = dist.get_rank()
+    optimizer_class, kwargs = OPTIMIZERS[optimizer]
+    subject = model_of_rank(rank)
+    reference = DistributedDataParallel(deepcopy(subject))
+    reference_opt = optimizer_class(reference.parameters(), **kwargs)
+    fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
+    graphs: dict[str, list[torch.fx.GraphModule]] = {}
+    backend = fop.data_parallel(
+        subject, compiler=compiler, observer=lambda kind, gm: graphs.setdefault(kind, []).append(gm)
+    )
+    compiled = torch.compile(subject, backend=backend, fullgraph=True)
+    for x in batches(rank):
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        compiled(x).pow(2).mean().backward()
+        assert all(p.grad is None for p in subject.parameters()), "a gradient was materialized"
+    for (name, actual), expected in zip(subject.named_parameters(), reference.module.parameters()):
+        torch.testing.assert_close(actual, expected, msg=lambda m, name=name: f"{name} on rank {rank}: {m}")
+    # One collective per parameter, all in the compiled backward, none in the forward.
+    num_params = len(list(subject.parameters()))
+    assert count_collectives(graphs, "backward") == num_params, count_collectives(graphs, "backward")
+    assert count_collectives(graphs, "forward") == 0
+
+
+def eager_optimizer_gets_averaged_grad() -> None:
+    """Parameters without an in-backward optimizer get DDP's averaged .grad for an ordinary step."""
+    rank = dist.get_rank()
+    subject = model_of_rank(rank)
+    reference = DistributedDataParallel(deepcopy(subject))
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, subject[0].parameters(), {"lr": 0.1})
+    rest = [p for p in subject.parameters() if not hasattr(p, "_in_backward_optimizers")]
+    rest_opt = torch.optim.SGD(rest, lr=0.1)
+    compiled = torch.compile(subject, backend=fop.data_parallel(subject, compiler="aot_eager"), fullgraph=True)
+    for x in batches(rank):
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        compiled(x).pow(2).mean().backward()
+        rest_opt.step()
+        rest_opt.zero_grad()
+    for actual, expected in zip(subject.parameters(), reference.module.parameters()):
+        torch.testing.assert_close(actual, expected)
+
+
+def different_models_refused() -> None:
+    rank = dist.get_rank()
+    model = model_of_rank(rank, hidden=16 + rank)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        fop.data_parallel(model, compiler="aot_eager")
+    except fop.DataParallelSetupError as error:
+        message = str(error)
+        assert "'0.weight' is shape (16, 6)" in message and "(17, 6)" in message and "rank 1" in message, message
+    else:
+        raise AssertionError("no error for ranks with different models")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "parameters changed"
+
+
+def ddp_wrapped_refused() -> None:
+    wrapped = DistributedDataParallel(model_of_rank(dist.get_rank()))
+    try:
+        fop.data_parallel(wrapped, compiler="aot_eager")
+    except fop.DataParallelSetupError as error:
+        assert "DistributedDataParallel" in str(error), error
+    else:
+        raise AssertionError("data_parallel accepted a DDP-wrapped model")
+
+
+CASES: dict[str, Callable[[], None]] = {
+    "sgd-aot_eager": lambda: parity_with_ddp("sgd", "aot_eager"),
+    "adamw-aot_eager": lambda: parity_with_ddp("adamw", "aot_eager"),
+    "adamw-inductor": lambda: parity_with_ddp("adamw", "inductor"),
+    "eager-optimizer": eager_optimizer_gets_averaged_grad,
+    "different-models": different_models_refused,
+    "ddp-wrapped": ddp_wrapped_refused,
+}
+
+
+def main(out_dir: str, cases: list[str]) -> None:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    results = {}
+    for case in cases:
+        torch._dynamo.reset()
+        try:
+            CASES[case]()
+            results[case] = "ok"
+        except Exception:
+            results[case] = traceback.format_exc()
+        dist.barrier()
+    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
