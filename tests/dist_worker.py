@@ -9,7 +9,9 @@ Every case is run by every rank; a failing case is recorded and the next one run
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from copy import deepcopy
@@ -25,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fx_optim_pass as fop
 
 STEPS = 5
+OUT_DIR = "."  # set from the command line
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
     "adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
@@ -123,6 +126,37 @@ def ddp_wrapped_refused() -> None:
         raise AssertionError("data_parallel accepted a DDP-wrapped model")
 
 
+def surviving_rank_fails_fast(results: dict[str, str]) -> None:
+    """Rank 1 leaves mid-training; rank 0's next compiled backward must fail, not hang.
+
+    Runs last: rank 1 writes its results and exits with success (so torchrun does not
+    tear rank 0 down first); rank 0 then meets a closed connection in its all-reduce.
+    """
+    rank = dist.get_rank()
+    model = model_of_rank(0)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+    compiled = torch.compile(model, backend=fop.data_parallel(model, compiler="aot_eager"), fullgraph=True)
+    compiled(torch.randn(5, 6)).sum().backward()  # one good step together
+    dist.barrier()
+    if rank == 1:
+        results["rank-dies"] = "ok"
+        write_results(results)
+        os._exit(0)
+    time.sleep(1.0)  # let rank 1's sockets close
+    start = time.monotonic()
+    try:
+        compiled(torch.randn(5, 6)).sum().backward()
+    except RuntimeError:
+        elapsed = time.monotonic() - start
+        assert elapsed < 20, f"the collective failed only after {elapsed:.0f} s"
+    else:
+        raise AssertionError("a backward whose peer is gone completed")
+
+
+def write_results(results: dict[str, str]) -> None:
+    Path(OUT_DIR, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+
+
 CASES: dict[str, Callable[[], None]] = {
     "sgd-aot_eager": lambda: parity_with_ddp("sgd", "aot_eager"),
     "adamw-aot_eager": lambda: parity_with_ddp("adamw", "aot_eager"),
@@ -133,20 +167,29 @@ CASES: dict[str, Callable[[], None]] = {
 }
 
 
-def main(out_dir: str, cases: list[str]) -> None:
+def main(cases: list[str]) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    results = {}
+    results: dict[str, str] = {}
     for case in cases:
         torch._dynamo.reset()
+        if case == "rank-dies":  # must be last: rank 1 exits inside it
+            try:
+                surviving_rank_fails_fast(results)
+                results[case] = "ok"
+            except Exception:
+                results[case] = traceback.format_exc()
+            write_results(results)
+            os._exit(0)  # the group is broken: no barrier, no destroy
         try:
             CASES[case]()
             results[case] = "ok"
         except Exception:
             results[case] = traceback.format_exc()
         dist.barrier()
-    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    write_results(results)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    OUT_DIR = sys.argv[1]
+    main(sys.argv[2:])

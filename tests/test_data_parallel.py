@@ -35,6 +35,7 @@ WORKER_CASES = [
     "eager-optimizer",
     "different-models",
     "ddp-wrapped",
+    "rank-dies",  # last: rank 1 leaves
 ]
 LAUNCH_TIMEOUT_S = 150  # generous for a loaded 2-core machine; one launch takes ~30 s here
 
@@ -70,7 +71,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, s
 
 def _check(results: dict[int, dict[str, str]], case: str) -> None:
     for rank, outcome in results.items():
-        assert outcome[case] == "ok", f"rank {rank}, case {case}:\n{outcome[case]}"
+        assert outcome.get(case) == "ok", f"rank {rank}, case {case}:\n{outcome.get(case, 'no result')}"
 
 
 @pytest.mark.parametrize("case", ["sgd-aot_eager", "adamw-aot_eager", "adamw-inductor"])
@@ -90,6 +91,10 @@ def test_ranks_with_different_models_are_refused_before_any_change(two_ranks):
 
 def test_model_wrapped_in_ddp_is_refused(two_ranks):
     _check(two_ranks, "ddp-wrapped")
+
+
+def test_a_rank_that_dies_mid_training_does_not_hang_the_others(two_ranks):
+    _check(two_ranks, "rank-dies")
 
 
 def test_uninitialized_process_group_is_refused():
