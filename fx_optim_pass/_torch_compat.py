@@ -239,8 +239,11 @@ def compile_inductor(
     joint_pass: CustomGraphPass,
     observe: GraphsObserver,
     use_caches: bool = True,
+    bucket_all_reduces_mb: float | None = None,
 ) -> Callable[..., Any]:
-    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``."""
+    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``;
+    with ``bucket_all_reduces_mb``, Inductor's own post-grad pass merges adjacent
+    all-reduces (dependencies respected) into buckets of up to that many MiB."""
     from torch._functorch import config as functorch_config
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -257,7 +260,28 @@ def compile_inductor(
         if not use_caches:  # a cache hit would skip the passes and graphs being observed
             stack.enter_context(config.patch(fx_graph_cache=False))
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)  # type: ignore[return-value]
+        # compile_fx applies config_patches to the backward too, which AOTAutograd may
+        # compile later, outside this block.
+        return compile_fx(  # type: ignore[return-value]
+            gm, example_inputs, inner_compile=inner_compile, config_patches=_bucketing(bucket_all_reduces_mb)
+        )
+
+
+def _bucketing(cap_mb: float | None) -> dict[str, Any]:
+    """Inductor config for its post-grad all-reduce bucketing pass (torch 2.11+)."""
+    from torch._inductor import config
+
+    if cap_mb is None or not hasattr(config, "bucket_all_reduces_fx"):
+        return {}
+    # A picklable determinator: it is part of Inductor's cache key.
+    return {
+        "bucket_all_reduces_fx": "all",
+        "bucket_all_reduces_fx_bucket_size_determinator": functools.partial(_constant_bucket_cap, cap_mb),
+    }
+
+
+def _constant_bucket_cap(cap_mb: float, bucket_index: int) -> float:
+    return cap_mb
 
 
 class _ChainedPass(CustomGraphPass):

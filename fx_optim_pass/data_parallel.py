@@ -13,7 +13,7 @@ from fx_optim_pass.distributed import (
     check_same_parameters,
     resolve_process_group,
 )
-from fx_optim_pass.dynamo_backend import Compiler, GraphObserver, make_backend
+from fx_optim_pass.dynamo_backend import DEFAULT_BUCKET_CAP_MB, Compiler, GraphObserver, make_backend
 
 __all__ = ["data_parallel"]
 
@@ -24,6 +24,7 @@ def data_parallel(
     *,
     compiler: Compiler = "inductor",
     observer: GraphObserver | None = None,
+    bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
 ) -> Callable[..., Any]:
     """Set ``model`` up for data-parallel training and return the backend to compile it with.
 
@@ -34,7 +35,9 @@ def data_parallel(
     Every rank must call it (it runs collectives). The returned backend averages each
     parameter's gradient over the group inside the compiled backward, right before the
     parameter's in-backward optimizer updates it; parameters without one get the
-    averaged gradient in ``.grad``, as under DDP.
+    averaged gradient in ``.grad``, as under DDP. With Inductor, gradients are all-reduced
+    in buckets of up to ``bucket_cap_mb`` MiB (Inductor's own bucketing pass; ``None``:
+    one collective per gradient); a bucket's updates wait for its last gradient.
 
     Example (``torchrun --nproc-per-node 2 train.py``)::
 
@@ -47,7 +50,8 @@ def data_parallel(
         compiled(torch.randn(3, 4)).sum().backward()   # averaged over ranks, then AdamW
     """
     group = resolve_process_group(process_group)
+    backend = make_backend(compiler=compiler, observer=observer, process_group=group, bucket_cap_mb=bucket_cap_mb)
     check_not_in_ddp(model)
     check_same_parameters(model, group)
     broadcast_from_first_rank(model, group)
-    return make_backend(compiler=compiler, observer=observer, process_group=group)
+    return backend

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 
 from fx_optim_pass import _torch_compat
-from fx_optim_pass.plan import ProcessGroupKey
+from fx_optim_pass.plan import DataParallelSpec
 
 __all__ = [
     "DataParallelSetupError",
     "broadcast_from_first_rank",
     "check_not_in_ddp",
     "check_same_parameters",
-    "process_group_key",
+    "data_parallel_spec",
     "resolve_process_group",
 ]
 
@@ -46,12 +46,14 @@ def resolve_process_group(process_group: Any) -> Any:
     return group
 
 
-def process_group_key(process_group: Any) -> ProcessGroupKey:
+def data_parallel_spec(process_group: Any, bucket_cap_mb: float | None = None) -> DataParallelSpec:
     """The name and size of ``process_group``, as the compiled graph's collectives use them."""
     import torch.distributed as dist
 
+    if bucket_cap_mb is not None and not bucket_cap_mb > 0:
+        raise ValueError(f"bucket_cap_mb must be a positive number of MiB or None, got {bucket_cap_mb!r}")
     group = resolve_process_group(process_group)
-    return ProcessGroupKey(_torch_compat.process_group_name(group), dist.get_world_size(group))
+    return DataParallelSpec(_torch_compat.process_group_name(group), dist.get_world_size(group), bucket_cap_mb)
 
 
 def check_not_in_ddp(module: torch.nn.Module) -> None:

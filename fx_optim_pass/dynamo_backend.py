@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.api import updates_in_backward
-from fx_optim_pass.distributed import process_group_key
+from fx_optim_pass.distributed import data_parallel_spec
 from fx_optim_pass.optim_lowering import (
     OptimizerStep,
     baked_hyperparameters,
@@ -31,7 +31,7 @@ from fx_optim_pass.optim_lowering import (
 )
 from fx_optim_pass.passes import all_reduce_gradients, insert_optimizer_updates
 from fx_optim_pass.placement import find_placements, placement_log, placement_table
-from fx_optim_pass.plan import GradientAllReduce, ParamUpdate, ProcessGroupKey, UpdatePlan, node_safe_name
+from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, ParamUpdate, UpdatePlan, node_safe_name
 from fx_optim_pass.testing import normalize_graph
 
 __all__ = [
@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 Compiler = Literal["inductor", "aot_eager"]
+DEFAULT_BUCKET_CAP_MB = 25.0
+"""DistributedDataParallel's default ``bucket_cap_mb``."""
 GraphObserver = Callable[[str, fx.GraphModule], None]
 """Called with ("joint_before" | "joint" | "forward" | "backward" | "inference", graph)."""
 
@@ -53,7 +55,11 @@ class OptimizerChangedError(RuntimeError):
 
 
 def make_backend(
-    *, compiler: Compiler = "inductor", observer: GraphObserver | None = None, process_group: Any = None
+    *,
+    compiler: Compiler = "inductor",
+    observer: GraphObserver | None = None,
+    process_group: Any = None,
+    bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
 ) -> Callable[..., Any]:
     """A torch.compile backend that runs in-backward optimizers inside the compiled backward.
 
@@ -64,7 +70,9 @@ def make_backend(
     With a ``process_group`` (a ``torch.distributed.ProcessGroup``), every parameter's
     gradient is averaged over it inside the compiled backward, right before its update:
     data-parallel training (``fx_optim_pass.data_parallel`` also checks the ranks' models
-    and broadcasts rank 0's parameters).
+    and broadcasts rank 0's parameters). With Inductor, small all-reduces are merged by
+    Inductor's own bucketing pass into buckets of up to ``bucket_cap_mb`` MiB (``None``:
+    one collective per gradient).
 
     Example::
 
@@ -78,7 +86,7 @@ def make_backend(
     """
     if compiler not in ("inductor", "aot_eager"):
         raise ValueError(f"make_backend: compiler must be 'inductor' or 'aot_eager', got {compiler!r}")
-    group = None if process_group is None else process_group_key(process_group)
+    group = None if process_group is None else data_parallel_spec(process_group, bucket_cap_mb)
 
     def fx_optim_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         return _compile(gm, example_inputs, compiler, observer or _ignore, group)
@@ -96,7 +104,7 @@ def _compile(
     example_inputs: Sequence[Any],
     compiler: Compiler,
     observe: GraphObserver,
-    group: ProcessGroupKey | None = None,
+    group: DataParallelSpec | None = None,
 ) -> Callable[..., Any]:
     if not torch.is_grad_enabled():  # an inference graph: no gradients, nothing to update
         return _compile_variant(gm, example_inputs, UpdatePlan((), len(example_inputs)), compiler, observe)
@@ -135,7 +143,14 @@ def _compile_variant(
     example = [*example_inputs, *runtime_inputs(example_inputs, for_compile=True)]
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
-        compiled = _torch_compat.compile_inductor(graph, example, joint_pass, observe, use_caches=observe is _ignore)
+        compiled = _torch_compat.compile_inductor(
+            graph,
+            example,
+            joint_pass,
+            observe,
+            use_caches=observe is _ignore,
+            bucket_all_reduces_mb=plan.all_reduce.group.bucket_cap_mb if plan.all_reduce else None,
+        )
     else:
         compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)
     if not plan.params:
@@ -242,7 +257,7 @@ def _extra_input_names(plan: UpdatePlan) -> list[str]:
     return names
 
 
-def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: ProcessGroupKey | None = None) -> UpdatePlan:
+def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataParallelSpec | None = None) -> UpdatePlan:
     """Find the parameters with in-backward optimizers among the graph's inputs (and, data
     parallel, every parameter whose gradient is averaged over ``group``)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))

@@ -14,7 +14,7 @@ import torch
 
 from fx_optim_pass.optim_lowering import OptimizerStep
 
-__all__ = ["GradientAllReduce", "ParamUpdate", "ProcessGroupKey", "UpdatePlan", "node_safe_name"]
+__all__ = ["DataParallelSpec", "GradientAllReduce", "ParamUpdate", "UpdatePlan", "node_safe_name"]
 
 
 def node_safe_name(qualified_name: str) -> str:
@@ -38,11 +38,13 @@ class ParamUpdate:
 
 
 @dataclass(frozen=True)
-class ProcessGroupKey:
-    """A process group as functional collectives name it, and its size."""
+class DataParallelSpec:
+    """Data-parallel settings: the process group (as functional collectives name it), its size,
+    and the bucket size Inductor merges small all-reduces up to (``None``: one per gradient)."""
 
     group_name: str
     world_size: int
+    bucket_cap_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class GradientAllReduce:
     ``inputs`` are (input index, qualified name) pairs.
     """
 
-    group: ProcessGroupKey
+    group: DataParallelSpec
     inputs: tuple[tuple[int, str], ...]
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fx_optim_pass as fop
+from fx_optim_pass import _torch_compat
 
 STEPS = 5
 OUT_DIR = "."  # set from the command line
@@ -55,7 +56,8 @@ def count_collectives(graphs: dict[str, list[torch.fx.GraphModule]], kind: str) 
 
 
 def parity_with_ddp(optimizer: str, compiler: str) -> None:
-    """5 steps of data_parallel + in-backward optimizer == DDP + eager torch.optim, on every rank."""
+    """5 steps of data_parallel + in-backward optimizer == DDP + eager torch.optim, on every rank
+    (no bucketing: one all-reduce per gradient)."""
     rank = dist.get_rank()
     optimizer_class, kwargs = OPTIMIZERS[optimizer]
     subject = model_of_rank(rank)
@@ -64,7 +66,10 @@ def parity_with_ddp(optimizer: str, compiler: str) -> None:
     fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
     graphs: dict[str, list[torch.fx.GraphModule]] = {}
     backend = fop.data_parallel(
-        subject, compiler=compiler, observer=lambda kind, gm: graphs.setdefault(kind, []).append(gm)
+        subject,
+        compiler=compiler,
+        observer=lambda kind, gm: graphs.setdefault(kind, []).append(gm),
+        bucket_cap_mb=None,
     )
     compiled = torch.compile(subject, backend=backend, fullgraph=True)
     for x in batches(rank):
@@ -79,6 +84,30 @@ def parity_with_ddp(optimizer: str, compiler: str) -> None:
     num_params = len(list(subject.parameters()))
     assert count_collectives(graphs, "backward") == num_params, count_collectives(graphs, "backward")
     assert count_collectives(graphs, "forward") == 0
+
+
+def bucketed_parity_with_ddp() -> None:
+    """Inductor's bucketing merges the small all-reduces; parameters still match DDP's."""
+    rank = dist.get_rank()
+    subject = model_of_rank(rank)
+    reference = DistributedDataParallel(deepcopy(subject))
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, subject.parameters(), {"lr": 0.01})
+    compiled = torch.compile(subject, backend=fop.data_parallel(subject), fullgraph=True)  # 25 MiB buckets
+    codes: list[str] = []
+    for step, x in enumerate(batches(rank)):
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        if step == 0:
+            codes = _torch_compat.run_and_get_code(lambda x=x: compiled(x).pow(2).mean().backward())
+        else:
+            compiled(x).pow(2).mean().backward()
+    for actual, expected in zip(subject.parameters(), reference.module.parameters()):
+        torch.testing.assert_close(actual, expected)
+    backward_code = codes[-1]
+    collectives = backward_code.count("_c10d_functional.all_reduce_.default(")
+    assert 1 <= collectives < len(list(subject.parameters())), f"{collectives} all-reduces in the backward"
 
 
 def eager_optimizer_gets_averaged_grad() -> None:
@@ -161,6 +190,7 @@ CASES: dict[str, Callable[[], None]] = {
     "sgd-aot_eager": lambda: parity_with_ddp("sgd", "aot_eager"),
     "adamw-aot_eager": lambda: parity_with_ddp("adamw", "aot_eager"),
     "adamw-inductor": lambda: parity_with_ddp("adamw", "inductor"),
+    "adamw-inductor-bucketed": bucketed_parity_with_ddp,
     "eager-optimizer": eager_optimizer_gets_averaged_grad,
     "different-models": different_models_refused,
     "ddp-wrapped": ddp_wrapped_refused,

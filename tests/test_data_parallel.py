@@ -24,7 +24,7 @@ from torch import nn
 import fx_optim_pass as fop
 from fx_optim_pass.passes.all_reduce_grads import ALL_REDUCE_META_KEY
 from fx_optim_pass.passes.insert_updates import PASS_META_KEY
-from fx_optim_pass.plan import GradientAllReduce, ProcessGroupKey, UpdatePlan
+from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, UpdatePlan
 from tests.helpers import assert_params_close, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,7 @@ WORKER_CASES = [
     "sgd-aot_eager",
     "adamw-aot_eager",
     "adamw-inductor",
+    "adamw-inductor-bucketed",
     "eager-optimizer",
     "different-models",
     "ddp-wrapped",
@@ -81,6 +82,10 @@ def test_two_ranks_match_ddp_with_eager_optimizer(two_ranks, case):
     _check(two_ranks, case)
 
 
+def test_inductor_buckets_small_all_reduces_and_parity_holds(two_ranks):
+    _check(two_ranks, "adamw-inductor-bucketed")
+
+
 def test_parameters_without_in_backward_optimizer_get_averaged_grad(two_ranks):
     _check(two_ranks, "eager-optimizer")
 
@@ -110,7 +115,7 @@ def test_uninitialized_process_group_is_refused():
 
 def test_cache_key_names_the_process_group():
     def plan(group: str, size: int) -> UpdatePlan:
-        return UpdatePlan((), 1, GradientAllReduce(ProcessGroupKey(group, size), ((0, "w"),)))
+        return UpdatePlan((), 1, GradientAllReduce(DataParallelSpec(group, size), ((0, "w"),)))
 
     keys = {plan("0", 2).cache_key(), plan("1", 2).cache_key(), plan("0", 4).cache_key(), UpdatePlan((), 1).cache_key()}
     assert len(keys) == 4
