@@ -15,8 +15,10 @@ After::
     wait__0_weight = _c10d_functional.wait_tensor(all_reduce__0_weight)
     return [addmm, wait__0_weight, ...]             # the update (or autograd) reads this
 
-The collective is issued as soon as the gradient exists; Inductor's comm passes may
-move the issue earlier and the wait later to overlap it with the rest of the backward.
+The collective is issued as soon as the gradient exists and waited for right away;
+Inductor's post-grad bucketing pass may merge adjacent ones (see ``_torch_compat._bucketing``).
+Not used: Inductor's ``reorder_for_compute_comm_overlap`` passes, which in torch 2.13 moved
+nodes of these graphs so that the parameters no longer matched DDP's.
 """
 
 from __future__ import annotations
