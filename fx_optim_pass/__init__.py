@@ -8,6 +8,8 @@
 """
 
 from fx_optim_pass.api import apply_optimizer_in_backward, attach, detach, get_in_backward_optimizers
+from fx_optim_pass.data_parallel import data_parallel
+from fx_optim_pass.distributed import DataParallelSetupError
 from fx_optim_pass.dynamo_backend import (
     DoubleBackwardError,
     OptimizerChangedError,
@@ -19,6 +21,7 @@ from fx_optim_pass.optim_lowering import UnsupportedOptimizerError
 from fx_optim_pass.report import InspectError, Report, inspect
 
 __all__ = [
+    "DataParallelSetupError",
     "DoubleBackwardError",
     "InspectError",
     "OptimizerChangedError",
@@ -28,6 +31,7 @@ __all__ = [
     "apply_optimizer_in_backward",
     "attach",
     "backend",
+    "data_parallel",
     "detach",
     "get_in_backward_optimizers",
     "inspect",

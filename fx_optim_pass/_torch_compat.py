@@ -26,6 +26,7 @@ __all__ = [
     "MUST_BE_IN_BACKWARD",
     "CustomGraphPass",
     "accumulate_grad_node",
+    "all_reduce_ops",
     "compile_aot_eager",
     "compile_inductor",
     "copy_dynamo_graph",
@@ -37,9 +38,12 @@ __all__ = [
     "normalize_gm",
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
+    "process_group_name",
     "qualified_name_from_source",
     "run_and_get_code",
+    "run_on_fake",
     "structured_trace_enabled",
+    "sync_module_states",
     "trace_functional",
     "will_run_in_this_backward",
 ]
@@ -266,8 +270,11 @@ def compile_inductor(
     joint_pass: CustomGraphPass,
     observe: GraphsObserver,
     use_caches: bool = True,
+    bucket_all_reduces_mb: float | None = None,
 ) -> Callable[..., Any]:
-    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``."""
+    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``;
+    with ``bucket_all_reduces_mb``, Inductor's own post-grad pass merges adjacent
+    all-reduces (dependencies respected) into buckets of up to that many MiB."""
     from torch._functorch import config as functorch_config
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -284,7 +291,28 @@ def compile_inductor(
         if not use_caches:  # a cache hit would skip the passes and graphs being observed
             stack.enter_context(config.patch(fx_graph_cache=False))
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)  # type: ignore[return-value]
+        # compile_fx applies config_patches to the backward too, which AOTAutograd may
+        # compile later, outside this block.
+        return compile_fx(  # type: ignore[return-value]
+            gm, example_inputs, inner_compile=inner_compile, config_patches=_bucketing(bucket_all_reduces_mb)
+        )
+
+
+def _bucketing(cap_mb: float | None) -> dict[str, Any]:
+    """Inductor config for its post-grad all-reduce bucketing pass (torch 2.11+)."""
+    from torch._inductor import config
+
+    if cap_mb is None or not hasattr(config, "bucket_all_reduces_fx"):
+        return {}
+    # A picklable determinator: it is part of Inductor's cache key.
+    return {
+        "bucket_all_reduces_fx": "all",
+        "bucket_all_reduces_fx_bucket_size_determinator": functools.partial(_constant_bucket_cap, cap_mb),
+    }
+
+
+def _constant_bucket_cap(cap_mb: float, bucket_index: int) -> float:
+    return cap_mb
 
 
 class _ChainedPass(CustomGraphPass):
@@ -329,3 +357,46 @@ def will_run_in_this_backward(node: Any) -> bool:
 def accumulate_grad_node(param: torch.Tensor) -> Any:
     """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on)."""
     return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+
+def all_reduce_ops() -> tuple[Any, Any]:
+    """PyTorch's functional collectives ``(all_reduce, wait_tensor)`` as aten-style overloads.
+
+    ``all_reduce(t, reduce_op, group_name)`` returns a new tensor whose value is ready after
+    ``wait_tensor``; AOTAutograd, the partitioner and Inductor (which lowers them to its
+    own in-place collective kernels) all understand them. Gloo supports ``"avg"``.
+    """
+    import torch.distributed._functional_collectives  # registers the ops and their fake impls
+
+    ops = torch.ops._c10d_functional
+    return ops.all_reduce.default, ops.wait_tensor.default
+
+
+def process_group_name(group: Any) -> str:
+    """The name under which functional collectives find ``group`` (a ``ProcessGroup``)."""
+    from torch.distributed._functional_collectives import _resolve_group_name
+
+    return str(_resolve_group_name(group))
+
+
+def run_on_fake(fn: Callable[..., Any], *fake_args: Any) -> Any:
+    """``fn(*fake_args)`` under the fake mode the arguments belong to (to get a node's ``meta["val"]``)."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(fake_args)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        return fn(*fake_args)
+
+
+# DistributedDataParallel's own bucket size for its setup broadcast.
+_BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
+
+
+def sync_module_states(module: torch.nn.Module, group: Any) -> None:
+    """DDP's setup step: broadcast parameters and buffers from the group's rank 0, coalesced."""
+    from torch.distributed.utils import _sync_module_states
+
+    _sync_module_states(module, group, _BROADCAST_BUCKET_BYTES, 0, (), broadcast_buffers=True)

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.api import updates_in_backward
+from fx_optim_pass.distributed import data_parallel_spec
 from fx_optim_pass.optim_lowering import (
     OptimizerStep,
     compiled_setup,
@@ -29,9 +30,9 @@ from fx_optim_pass.optim_lowering import (
     initialize_state,
     param_group,
 )
-from fx_optim_pass.passes import insert_optimizer_updates
+from fx_optim_pass.passes import all_reduce_gradients, insert_optimizer_updates
 from fx_optim_pass.placement import find_placements, placement_log, placement_table
-from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
+from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, ParamUpdate, UpdatePlan, node_safe_name
 from fx_optim_pass.testing import normalize_graph
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 Compiler = Literal["inductor", "aot_eager"]
+DEFAULT_BUCKET_CAP_MB = 25.0
+"""DistributedDataParallel's default ``bucket_cap_mb``."""
 GraphObserver = Callable[[str, fx.GraphModule], None]
 """Called with ("joint_before" | "joint" | "forward" | "backward" | "inference", graph)."""
 
@@ -52,13 +55,25 @@ class OptimizerChangedError(RuntimeError):
     """An in-backward optimizer changed in a way the compiled graph cannot honour."""
 
 
-def make_backend(*, compiler: Compiler = "inductor", observer: GraphObserver | None = None) -> Callable[..., Any]:
+def make_backend(
+    *,
+    compiler: Compiler = "inductor",
+    observer: GraphObserver | None = None,
+    process_group: Any = None,
+    bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
+) -> Callable[..., Any]:
     """A torch.compile backend that runs in-backward optimizers inside the compiled backward.
 
     ``compiler="inductor"`` generates fused kernels; ``"aot_eager"`` runs the same
     rewritten graphs op by op (cheap, for tests and debugging). ``observer`` sees
     every graph the backend produces (for inspection and golden tests); with an
     observer, Inductor's caches are bypassed so that every graph is produced.
+    With a ``process_group`` (a ``torch.distributed.ProcessGroup``), every parameter's
+    gradient is averaged over it inside the compiled backward, right before its update:
+    data-parallel training (``fx_optim_pass.data_parallel`` also checks the ranks' models
+    and broadcasts rank 0's parameters). With Inductor, small all-reduces are merged by
+    Inductor's own bucketing pass into buckets of up to ``bucket_cap_mb`` MiB (``None``:
+    one collective per gradient).
 
     Example::
 
@@ -72,9 +87,10 @@ def make_backend(*, compiler: Compiler = "inductor", observer: GraphObserver | N
     """
     if compiler not in ("inductor", "aot_eager"):
         raise ValueError(f"make_backend: compiler must be 'inductor' or 'aot_eager', got {compiler!r}")
+    group = None if process_group is None else data_parallel_spec(process_group, bucket_cap_mb)
 
     def fx_optim_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        return _compile(gm, example_inputs, compiler, observer or _ignore)
+        return _compile(gm, example_inputs, compiler, observer or _ignore, group)
 
     fx_optim_backend.__name__ = f"fx_optim_{compiler}"
     return fx_optim_backend
@@ -85,7 +101,11 @@ def _ignore(kind: str, gm: fx.GraphModule) -> None:
 
 
 def _compile(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: Compiler, observe: GraphObserver
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    compiler: Compiler,
+    observe: GraphObserver,
+    group: DataParallelSpec | None = None,
 ) -> Callable[..., Any]:
     if not torch.is_grad_enabled():  # an inference graph: no gradients, nothing to update
         return _compile_variant(gm, example_inputs, UpdatePlan((), len(example_inputs)), compiler, observe)
@@ -94,7 +114,7 @@ def _compile(
     # guards. So the compiled step is chosen per call by the parameters' in-backward
     # optimizers, and compiled again for a combination not seen before.
     pristine = _torch_compat.copy_dynamo_graph(gm, [])
-    plan = build_plan(gm, example_inputs)
+    plan = build_plan(gm, example_inputs, group)
     variants = {plan.signature(): _compile_variant(gm, example_inputs, plan, compiler, observe)}
     static_shapes = all(isinstance(x, torch.Tensor) for x in example_inputs)
 
@@ -109,7 +129,7 @@ def _compile(
                     "dynamic=False, or call torch._dynamo.reset() after changing its optimizers."
                 )
             fresh = _torch_compat.copy_dynamo_graph(pristine, [])
-            variant = _compile_variant(fresh, args, build_plan(fresh, args), compiler, observe)
+            variant = _compile_variant(fresh, args, build_plan(fresh, args, group), compiler, observe)
             variants[signature] = variant
         return variant(*args)
 
@@ -124,7 +144,14 @@ def _compile_variant(
     example = _torch_compat.with_scalar_symbols([*example_inputs, *runtime_inputs(example_inputs, for_compile=True)])
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
-        compiled = _torch_compat.compile_inductor(graph, example, joint_pass, observe, use_caches=observe is _ignore)
+        compiled = _torch_compat.compile_inductor(
+            graph,
+            example,
+            joint_pass,
+            observe,
+            use_caches=observe is _ignore,
+            bucket_all_reduces_mb=plan.all_reduce.group.bucket_cap_mb if plan.all_reduce else None,
+        )
     else:
         compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)
     if not plan.params:
@@ -231,33 +258,42 @@ def _extra_input_names(plan: UpdatePlan) -> list[str]:
     return names
 
 
-def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> UpdatePlan:
-    """Find the parameters with in-backward optimizers among the graph's inputs."""
+def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataParallelSpec | None = None) -> UpdatePlan:
+    """Find the parameters with in-backward optimizers among the graph's inputs (and, data
+    parallel, every parameter whose gradient is averaged over ``group``)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     next_input = len(example_inputs)
     params = []
+    averaged = []
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        if not (isinstance(value, torch.Tensor) and value.requires_grad and updates_in_backward(value)):
+        if not (isinstance(value, torch.Tensor) and value.requires_grad):
             continue
         source = _torch_compat.parameter_source_name(node)
         name = _torch_compat.qualified_name_from_source(source) if source else node.name
+        in_backward = updates_in_backward(value)
+        if group is not None and (in_backward or isinstance(value, torch.nn.Parameter)):
+            averaged.append((index, name or node.name))
+        if not in_backward:
+            continue
         steps = tuple(describe_step(opt, value, name) for opt in value._in_backward_optimizers)  # type: ignore[attr-defined]
         step_inputs = []
         for step in steps:
             step_inputs.append(tuple(range(next_input, next_input + step.num_inputs)))
             next_input += step.num_inputs
         params.append(ParamUpdate(index, name or node.name, steps, tuple(step_inputs)))
-    return UpdatePlan(tuple(params), len(example_inputs))
+    all_reduce = None if group is None else GradientAllReduce(group, tuple(averaged))
+    return UpdatePlan(tuple(params), len(example_inputs), all_reduce)
 
 
 class JointPass(_torch_compat.CustomGraphPass):
-    """``insert_optimizer_updates`` as an Inductor joint-graph pass (also used for aot_eager)."""
+    """``all_reduce_gradients`` then ``insert_optimizer_updates`` as an Inductor joint-graph pass
+    (also used for aot_eager)."""
 
     def __init__(self, plan: UpdatePlan, observe: GraphObserver) -> None:
         self.plan, self.observe = plan, observe
 
     def __call__(self, graph: fx.Graph) -> None:
-        if not self.plan.params:
+        if not self.plan.params and self.plan.all_reduce is None:
             return
         trace = _torch_compat.structured_trace_enabled()
         watched = trace or self.observe is not _ignore
@@ -267,6 +303,7 @@ class JointPass(_torch_compat.CustomGraphPass):
             self.observe("joint_before", before)
             if trace:
                 _torch_compat.emit_trace_artifact("fx_optim_pass_joint_before", lambda: normalize_graph(before))
+        all_reduce_gradients(graph, self.plan)
         insert_optimizer_updates(graph, self.plan)
         if watched:
             after = fx.GraphModule(owner, _copy(graph))

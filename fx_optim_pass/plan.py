@@ -14,7 +14,7 @@ import torch
 
 from fx_optim_pass.optim_lowering import OptimizerStep
 
-__all__ = ["ParamUpdate", "UpdatePlan", "node_safe_name"]
+__all__ = ["DataParallelSpec", "GradientAllReduce", "ParamUpdate", "UpdatePlan", "node_safe_name"]
 
 
 def node_safe_name(qualified_name: str) -> str:
@@ -38,9 +38,31 @@ class ParamUpdate:
 
 
 @dataclass(frozen=True)
+class DataParallelSpec:
+    """Data-parallel settings: the process group (as functional collectives name it), its size,
+    and the bucket size Inductor merges small all-reduces up to (``None``: one per gradient)."""
+
+    group_name: str
+    world_size: int
+    bucket_cap_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class GradientAllReduce:
+    """Average these inputs' gradients over ``group``, in the backward, before any update.
+
+    ``inputs`` are (input index, qualified name) pairs.
+    """
+
+    group: DataParallelSpec
+    inputs: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True)
 class UpdatePlan:
     params: tuple[ParamUpdate, ...]
     num_user_inputs: int
+    all_reduce: GradientAllReduce | None = None
 
     def signature(self) -> tuple[object, ...]:
         """The per-parameter optimizer setup this plan was made for (see ``runtime_signature``)."""
@@ -48,8 +70,10 @@ class UpdatePlan:
 
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph, for Inductor's and AOTAutograd's caches:
-        this package's own source, torch's version, the optimizers' code and settings, the plan."""
-        parts = [_package_source_hash(), torch.__version__, str(self.num_user_inputs)]
+        this package's own source, torch's version, the optimizers' code and settings, the plan,
+        and the process group gradients are averaged over (a graph compiled for one group
+        must never run collectives on another)."""
+        parts = [_package_source_hash(), torch.__version__, str(self.num_user_inputs), repr(self.all_reduce)]
         for p in self.params:
             parts.append(f"{p.input_index}:{p.name}:{p.step_inputs}")
             for s in p.steps:

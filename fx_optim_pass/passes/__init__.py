@@ -1,5 +1,6 @@
 """Pure graph rewrites: each is a function of (graph, plan)."""
 
+from fx_optim_pass.passes.all_reduce_grads import all_reduce_gradients
 from fx_optim_pass.passes.insert_updates import insert_optimizer_updates
 
-__all__ = ["insert_optimizer_updates"]
+__all__ = ["all_reduce_gradients", "insert_optimizer_updates"]

@@ -1,0 +1,106 @@
+"""Setup checks for data-parallel training: each raises before any parameter changes.
+
+Every check that needs the other ranks runs one collective that all ranks join, and
+every rank raises the same error, so no rank is left waiting in a later collective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fx_optim_pass import _torch_compat
+from fx_optim_pass.plan import DataParallelSpec
+
+__all__ = [
+    "DataParallelSetupError",
+    "broadcast_from_first_rank",
+    "check_not_in_ddp",
+    "check_same_parameters",
+    "data_parallel_spec",
+    "resolve_process_group",
+]
+
+
+class DataParallelSetupError(RuntimeError):
+    """Data-parallel training cannot start as set up; nothing has been changed."""
+
+
+def resolve_process_group(process_group: Any) -> Any:
+    """``process_group``, or the default (world) group for ``None``; refuses an uninitialized one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DataParallelSetupError(
+            "torch.distributed is not initialized: call torch.distributed.init_process_group('gloo' or 'nccl') "
+            "first (under torchrun it reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment)."
+        )
+    group = dist.group.WORLD if process_group is None else process_group
+    if not isinstance(group, dist.ProcessGroup):
+        raise DataParallelSetupError(
+            f"process_group must be a torch.distributed.ProcessGroup (e.g. from dist.new_group), got {group!r}."
+        )
+    if dist.get_rank(group) < 0:
+        raise DataParallelSetupError("this rank is not a member of process_group; pass a group it belongs to.")
+    return group
+
+
+def data_parallel_spec(process_group: Any, bucket_cap_mb: float | None = None) -> DataParallelSpec:
+    """The name and size of ``process_group``, as the compiled graph's collectives use them."""
+    import torch.distributed as dist
+
+    if bucket_cap_mb is not None and not bucket_cap_mb > 0:
+        raise ValueError(f"bucket_cap_mb must be a positive number of MiB or None, got {bucket_cap_mb!r}")
+    group = resolve_process_group(process_group)
+    return DataParallelSpec(_torch_compat.process_group_name(group), dist.get_world_size(group), bucket_cap_mb)
+
+
+def check_not_in_ddp(module: torch.nn.Module) -> None:
+    """Refuse a model that ``DistributedDataParallel`` also wraps: gradients would be averaged twice,
+    and DDP's reducer would wait for ``.grad`` that the compiled backward never produces."""
+    if any(_is_ddp(m) for m in module.modules()):
+        raise DataParallelSetupError(
+            "this model is also wrapped in torch.nn.parallel.DistributedDataParallel, which would average "
+            "gradients a second time and wait for .grad that the compiled backward never produces. "
+            "Compile the unwrapped module: fx_optim_pass.data_parallel already averages gradients across ranks."
+        )
+
+
+def _is_ddp(module: torch.nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(module, DistributedDataParallel)
+
+
+def _describe_tensors(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in named]
+
+
+def check_same_parameters(module: torch.nn.Module, process_group: Any) -> None:
+    """Refuse ranks whose models differ in parameter or buffer names, shapes or dtypes."""
+    import torch.distributed as dist
+
+    group = resolve_process_group(process_group)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, _describe_tensors(module), group=group)
+    first = {name: (shape, dtype) for name, shape, dtype in everyone[0]}
+    for rank, tensors in enumerate(everyone[1:], start=1):
+        theirs = {name: (shape, dtype) for name, shape, dtype in tensors}
+        for name in [*first, *(name for name in theirs if name not in first)]:  # in rank 0's model order
+            if first.get(name) != theirs.get(name):
+                raise DataParallelSetupError(
+                    f"the ranks' models differ: {name!r} is {_show(first.get(name))} on rank 0 but "
+                    f"{_show(theirs.get(name))} on rank {rank} (ranks in process_group). Build the same model "
+                    "on every rank before fx_optim_pass.data_parallel."
+                )
+
+
+def _show(entry: tuple[tuple[int, ...], str] | None) -> str:
+    return "missing" if entry is None else f"shape {entry[0]} {entry[1]}"
+
+
+def broadcast_from_first_rank(module: torch.nn.Module, process_group: Any) -> None:
+    """Copy group rank 0's parameters and buffers to every rank, so all replicas start equal (as DDP does)."""
+    _torch_compat.sync_module_states(module, resolve_process_group(process_group))

@@ -1,0 +1,161 @@
+"""Data-parallel training: gradients averaged over the ranks inside the compiled backward.
+
+The two-rank checks run in one ``torchrun --nproc-per-node 2`` launch on gloo over
+loopback (``dist_worker.py``); each test below reads its own case's result. The
+in-process checks use a one-rank gloo group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from copy import deepcopy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fx_optim_pass as fop
+from fx_optim_pass.passes.all_reduce_grads import ALL_REDUCE_META_KEY
+from fx_optim_pass.passes.insert_updates import PASS_META_KEY
+from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, UpdatePlan
+from tests.helpers import assert_params_close, snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_CASES = [
+    "sgd-aot_eager",
+    "adamw-aot_eager",
+    "adamw-inductor",
+    "adamw-inductor-bucketed",
+    "eager-optimizer",
+    "different-models",
+    "ddp-wrapped",
+    "rank-dies",  # last: rank 1 leaves
+]
+LAUNCH_TIMEOUT_S = 150  # generous for a loaded 2-core machine; one launch takes ~30 s here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, str]]:
+    """Run every worker case on two gloo ranks; {rank: {case: "ok" or the error}}."""
+    out = tmp_path_factory.mktemp("ranks")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        str(ROOT / "tests" / "dist_worker.py"), str(out), *WORKER_CASES,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=ROOT)
+    except subprocess.TimeoutExpired as error:  # run() has killed torchrun; its workers die with it
+        pytest.fail(f"the two ranks did not finish in {LAUNCH_TIMEOUT_S} s:\n{error.stderr}")
+    results = {}
+    for rank in (0, 1):
+        path = out / f"rank{rank}.json"
+        if not path.exists():
+            pytest.fail(f"rank {rank} wrote no results (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        results[rank] = json.loads(path.read_text())
+    return results
+
+
+def _check(results: dict[int, dict[str, str]], case: str) -> None:
+    for rank, outcome in results.items():
+        assert outcome.get(case) == "ok", f"rank {rank}, case {case}:\n{outcome.get(case, 'no result')}"
+
+
+@pytest.mark.parametrize("case", ["sgd-aot_eager", "adamw-aot_eager", "adamw-inductor"])
+def test_two_ranks_match_ddp_with_eager_optimizer(two_ranks, case):
+    """5 steps, each rank on its own data, from different initializations: parameters equal
+    DistributedDataParallel + eager torch.optim's, one all-reduce per parameter in the backward."""
+    _check(two_ranks, case)
+
+
+def test_inductor_buckets_small_all_reduces_and_parity_holds(two_ranks):
+    _check(two_ranks, "adamw-inductor-bucketed")
+
+
+def test_parameters_without_in_backward_optimizer_get_averaged_grad(two_ranks):
+    _check(two_ranks, "eager-optimizer")
+
+
+def test_ranks_with_different_models_are_refused_before_any_change(two_ranks):
+    _check(two_ranks, "different-models")
+
+
+def test_model_wrapped_in_ddp_is_refused(two_ranks):
+    _check(two_ranks, "ddp-wrapped")
+
+
+def test_a_rank_that_dies_mid_training_does_not_hang_the_others(two_ranks):
+    _check(two_ranks, "rank-dies")
+
+
+def test_uninitialized_process_group_is_refused():
+    assert not dist.is_initialized()
+    model = nn.Linear(4, 2)
+    before = snapshot(model.parameters())
+    with pytest.raises(fop.DataParallelSetupError, match=r"init_process_group"):
+        fop.data_parallel(model)
+    with pytest.raises(fop.DataParallelSetupError, match=r"init_process_group"):
+        fop.make_backend(process_group=object())
+    assert_params_close(model.parameters(), before)
+
+
+def test_cache_key_names_the_process_group():
+    def plan(group: str, size: int) -> UpdatePlan:
+        return UpdatePlan((), 1, GradientAllReduce(DataParallelSpec(group, size), ((0, "w"),)))
+
+    keys = {plan("0", 2).cache_key(), plan("1", 2).cache_key(), plan("0", 4).cache_key(), UpdatePlan((), 1).cache_key()}
+    assert len(keys) == 4
+
+
+@pytest.fixture
+def one_rank() -> Iterator[None]:
+    """A one-rank gloo group in this process (collectives run, and average over one rank)."""
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_gradient_is_all_reduced_right_before_its_update_in_the_backward(one_rank):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    reference = deepcopy(model)
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1, "momentum": 0.9})
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    backend = fop.data_parallel(model, compiler="aot_eager", observer=lambda kind, gm: graphs.setdefault(kind, gm))
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(4, 6)
+    compiled(x).pow(2).mean().backward()
+
+    nodes = list(graphs["backward"].graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    for name, _ in model.named_parameters():
+        reduce_nodes = [n for n in nodes if n.meta.get(ALL_REDUCE_META_KEY, ("",))[0] == name]
+        update_nodes = [n for n in nodes if n.meta.get(PASS_META_KEY, ("",))[0] == name]
+        assert [n.meta[ALL_REDUCE_META_KEY][1] for n in reduce_nodes] == ["all_reduce", "wait"], name
+        assert update_nodes, name
+        # the update reads the waited (averaged) gradient, never the local one
+        assert max(map(position.__getitem__, reduce_nodes)) < min(map(position.__getitem__, update_nodes)), name
+    assert not any(ALL_REDUCE_META_KEY in n.meta for n in graphs["forward"].graph.nodes)
+
+    # one rank: the average is the gradient itself, so this is plain SGD
+    reference(x).pow(2).mean().backward()
+    reference_opt.step()
+    assert_params_close(model.parameters(), reference.parameters())
