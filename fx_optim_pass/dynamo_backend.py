@@ -333,12 +333,15 @@ class RuntimeInputs:
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             return lr
+        # Eager torch.optim computes with the Python float; float32 would round the lr
+        # of every float64 update (0.1 -> 0.10000000149).
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         per_group = self._lr_tensors.setdefault(optimizer, {})
         cached = per_group.get(id(group))
-        if cached is None or cached[0] != lr or cached[1].device != param.device:
+        if cached is None or cached[0] != lr or cached[1].device != param.device or cached[1].dtype != dtype:
             # A new tensor, never an in-place fill: a graph still waiting for its
             # backward keeps the lr it was called with.
-            cached = (lr, torch.tensor(lr, dtype=torch.float32, device=param.device))
+            cached = (lr, torch.tensor(lr, dtype=dtype, device=param.device))
             per_group[id(group)] = cached
         return cached[1]
 

@@ -104,3 +104,13 @@ def test_coupled_weight_decay_through_inductor(config, device):
     model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10)).to(device)
     inputs = [torch.randn(4, 10, device=device) for _ in range(3)]
     train_side_by_side(model, *config, "inductor", inputs)
+
+
+@pytest.mark.parametrize("mode", ["aot_eager", "inductor"])
+def test_float64_parameters_are_updated_with_the_exact_lr(mode, device):
+    """lr=0.1 has no exact float32 value: a float32 lr input would move every float64 update by ~1e-9."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, dtype=torch.float64, device=device)
+    model = nn.Linear(6, 3).to(device, torch.float64)
+    subject, _ = train_side_by_side(model, torch.optim.SGD, {"lr": 0.1}, mode, [x, x], rtol=1e-13, atol=1e-15)
+    assert all(p.dtype == torch.float64 for p in subject.parameters())
