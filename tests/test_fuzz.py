@@ -69,8 +69,8 @@ class OptimizerConfig:
 
 
 @st.composite
-def optimizer_configs(draw: st.DrawFn) -> OptimizerConfig:
-    name = draw(st.sampled_from(sorted(OPTIMIZERS)))
+def optimizer_configs(draw: st.DrawFn, names: tuple[str, ...] = tuple(OPTIMIZERS)) -> OptimizerConfig:
+    name = draw(st.sampled_from(names))
     kwargs: dict[str, Any] = {"weight_decay": draw(st.sampled_from([0.0, 0.01, 0.1]))}
     if name == "SGD":
         kwargs["lr"] = draw(st.sampled_from([0.01, 0.1]))
@@ -99,6 +99,7 @@ def optimizer_configs(draw: st.DrawFn) -> OptimizerConfig:
 @dataclass(frozen=True)
 class ModelSpec:
     family: str  # "mlp" | "conv" | "lm"
+    dtype: torch.dtype
     width: int
     depth: int
     tied: bool
@@ -116,6 +117,7 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
         batches = (batch,) * STEPS
     return ModelSpec(
         family=family,
+        dtype=draw(st.sampled_from([torch.float64, torch.float64, torch.float64, torch.float32])),
         width=draw(st.integers(3, 8)),
         depth=draw(st.integers(1, 2)),
         tied=family == "lm" and draw(st.booleans()),
@@ -137,8 +139,13 @@ class Roles:
 
 
 @st.composite
-def roles_for(draw: st.DrawFn, num_params: int) -> Roles:
-    configs = draw(st.lists(optimizer_configs(), min_size=1, max_size=3))
+def roles_for(draw: st.DrawFn, num_params: int, dtype: torch.dtype) -> Roles:
+    # Adam, RMSprop and Adagrad divide by the gradient's own size: float32 rounding
+    # noise in a near-zero gradient element becomes a visible difference in the update
+    # (in either mode). In float64 that noise stays far below the tolerance; float32
+    # examples use SGD, whose update is linear in the gradient.
+    names = tuple(OPTIMIZERS) if dtype == torch.float64 else ("SGD",)
+    configs = draw(st.lists(optimizer_configs(names), min_size=1, max_size=3))
     indices = st.integers(0, len(configs) - 1)
     in_backward = []
     for _ in range(num_params):
@@ -154,7 +161,7 @@ def roles_for(draw: st.DrawFn, num_params: int) -> Roles:
     frozen = draw(st.lists(st.sampled_from([False, False, False, True]), min_size=num_params, max_size=num_params))
     toggle_step = draw(st.sampled_from([None, None, 1, 2]))
     toggled = draw(st.lists(st.integers(0, num_params - 1), max_size=3, unique=True)) if toggle_step else []
-    return Roles(configs, in_backward, draw(optimizer_configs()), frozen, toggle_step, toggled)
+    return Roles(configs, in_backward, draw(optimizer_configs(names)), frozen, toggle_step, toggled)
 
 
 # ---------------------------------------------------------------- models
@@ -226,7 +233,9 @@ def build(spec: ModelSpec, device: str) -> tuple[nn.Module, list[torch.Tensor]]:
     else:
         model = TinyLM(spec)
         inputs = [torch.randint(TinyLM.vocab, (b, 5)) for b in spec.batches]
-    return model.to(device), [x.to(device) for x in inputs]
+    return model.to(device, spec.dtype), [
+        x.to(device, spec.dtype if x.is_floating_point() else x.dtype) for x in inputs
+    ]
 
 
 # ---------------------------------------------------------------- the check
@@ -291,13 +300,32 @@ def describe(spec: ModelSpec, roles: Roles, model: nn.Module) -> str:
 
 
 def check_against_eager(data: st.DataObject, compiler: str, device: str) -> None:
-    torch._dynamo.reset()
     spec = data.draw(model_specs(), label="model")
+    roles = data.draw(roles_for(len(list(build(spec, "cpu")[0].parameters())), spec.dtype), label="roles")
+    note(describe(spec, roles, build(spec, "cpu")[0]))
+    train_and_compare(spec, roles, compiler, device)
+
+
+def train_and_compare(spec: ModelSpec, roles: Roles, compiler: str, device: str) -> None:
+    """Train ``spec``'s model eagerly and compiled with ``roles``; everything must match after every step.
+
+    float64 examples run as float64 training does (default dtype float64), so torch.optim
+    keeps ``step`` in float64: the traced update computes Adam's bias corrections from that
+    tensor, eager torch.optim from a Python float. (A float32 ``step`` would put them ~1e-5
+    apart: ``1 - 0.999 ** step`` in float32, as in torch's own capturable path.)
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(spec.dtype)
+    try:
+        _train_and_compare(spec, roles, compiler, device)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _train_and_compare(spec: ModelSpec, roles: Roles, compiler: str, device: str) -> None:
+    torch._dynamo.reset()
     model, inputs = build(spec, device)
     reference_model = deepcopy(model)
-    roles = data.draw(roles_for(len(list(model.parameters()))), label="roles")
-    note(describe(spec, roles, model))
-
     subject = Trainer(model, roles, in_backward=True)
     reference = Trainer(reference_model, roles, in_backward=False)
     compiled = torch.compile(model, backend=fop.make_backend(compiler=compiler), fullgraph=True)  # type: ignore[arg-type]
