@@ -296,5 +296,17 @@ def will_run_in_this_backward(node: Any) -> bool:
 
 
 def accumulate_grad_node(param: torch.Tensor) -> Any:
-    """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on)."""
-    return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+    """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on).
+
+    A frozen parameter (``requires_grad=False``) has none yet: one is made for it, and
+    autograd uses that same node once the parameter is unfrozen, as long as the caller
+    keeps it alive (autograd itself holds it only weakly).
+    """
+    if not param.requires_grad:
+        param.requires_grad_(True)
+        try:
+            return accumulate_grad_node(param)
+        finally:
+            param.requires_grad_(False)
+    with torch.enable_grad():
+        return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
