@@ -10,7 +10,8 @@ after every step the parameters, buffers, leftover gradients and optimizer state
 must match.
 
 CI runs a fixed, derandomized set of examples; ``FX_OPTIM_FUZZ_EXAMPLES=200`` runs a
-deeper search (the Inductor sample grows with it).
+deeper, random search (the Inductor sample grows with it); a failure prints the drawn
+case and a ``@reproduce_failure`` blob, and ``train_and_compare`` replays a case.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def fuzz_settings(examples: int) -> Any:
     return settings(
         max_examples=examples,
         deadline=None,
-        derandomize=True,
+        derandomize=not DEEP_EXAMPLES,  # a deep run explores new examples each time
         database=None,
+        print_blob=True,
         # `device` and conftest's autouse fixture are function-scoped; each example resets Dynamo itself.
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
@@ -134,6 +136,7 @@ class Roles:
     in_backward: list[tuple[int, ...]]  # indices into configs, in registration order; () = plain optimizer
     plain: OptimizerConfig  # stepped after backward() for parameters without in-backward optimizers
     frozen: list[bool]  # requires_grad False at the start
+    frozen_before_setup: bool  # frozen before or after the optimizers are set up
     toggle_step: int | None = None  # before this step, flip requires_grad of `toggled`
     toggled: list[int] = field(default_factory=list)
 
@@ -161,7 +164,8 @@ def roles_for(draw: st.DrawFn, num_params: int, dtype: torch.dtype) -> Roles:
     frozen = draw(st.lists(st.sampled_from([False, False, False, True]), min_size=num_params, max_size=num_params))
     toggle_step = draw(st.sampled_from([None, None, 1, 2]))
     toggled = draw(st.lists(st.integers(0, num_params - 1), max_size=3, unique=True)) if toggle_step else []
-    return Roles(configs, in_backward, draw(optimizer_configs(names)), frozen, toggle_step, toggled)
+    plain = draw(optimizer_configs(names))
+    return Roles(configs, in_backward, plain, frozen, draw(st.booleans()), toggle_step, toggled)
 
 
 # ---------------------------------------------------------------- models
@@ -247,6 +251,8 @@ class Trainer:
     def __init__(self, model: nn.Module, roles: Roles, in_backward: bool) -> None:
         self.model, self.roles = model, roles
         self.params = list(model.parameters())
+        if roles.frozen_before_setup:
+            self.freeze()
         self.by_config: list[torch.optim.Optimizer | None] = []
         for k, config in enumerate(roles.configs):
             members = [p for p, ks in zip(self.params, roles.in_backward) if k in ks]
@@ -259,7 +265,10 @@ class Trainer:
                 self.by_config.append(config.make(members))
         plain = [p for p, ks in zip(self.params, roles.in_backward) if not ks]
         self.plain = roles.plain.make(plain) if plain else None
-        for p, frozen in zip(self.params, roles.frozen):
+        self.freeze()
+
+    def freeze(self) -> None:
+        for p, frozen in zip(self.params, self.roles.frozen):
             p.requires_grad_(not frozen)
 
     def toggle(self, step: int) -> None:
@@ -294,6 +303,8 @@ def describe(spec: ModelSpec, roles: Roles, model: nn.Module) -> str:
         ks = roles.in_backward[i]
         role = " + ".join(f"config {k}" for k in ks) or "plain"
         lines.append(f"  {name}: {role}{' (frozen)' if roles.frozen[i] else ''}")
+    if any(roles.frozen):
+        lines.append(f"frozen {'before' if roles.frozen_before_setup else 'after'} apply_optimizer_in_backward")
     if roles.toggle_step is not None:
         lines.append(f"before step {roles.toggle_step}: flip requires_grad of {roles.toggled}")
     return "\n".join(lines)
