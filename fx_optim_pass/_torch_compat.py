@@ -235,8 +235,14 @@ def compile_inductor(
     joint_pass: CustomGraphPass,
     observe: GraphsObserver,
     use_caches: bool = True,
+    updates_parameters: bool = True,
 ) -> Callable[..., Any]:
-    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``."""
+    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``.
+
+    With ``updates_parameters``, Inductor's layout optimization is off: for a conv it
+    hands the backward a channels-last copy of the weight in place of the parameter,
+    and the update's ``copy_`` would write into that copy (the parameter never changes).
+    """
     from torch._functorch import config as functorch_config
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -250,6 +256,8 @@ def compile_inductor(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(config.patch(joint_custom_post_pass=chained))
+        if updates_parameters:
+            stack.enter_context(config.patch(layout_optimization=False))
         if not use_caches:  # a cache hit would skip the passes and graphs being observed
             stack.enter_context(config.patch(fx_graph_cache=False))
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))

@@ -123,7 +123,9 @@ def _compile_variant(
     example = [*example_inputs, *runtime_inputs(example_inputs, for_compile=True)]
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
-        compiled = _torch_compat.compile_inductor(graph, example, joint_pass, observe, use_caches=observe is _ignore)
+        compiled = _torch_compat.compile_inductor(
+            graph, example, joint_pass, observe, use_caches=observe is _ignore, updates_parameters=bool(plan.params)
+        )
     else:
         compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)
     if not plan.params:
