@@ -37,6 +37,11 @@ def test_same_process_other_optimizer_misses_and_same_one_hits(cache_dir):
     cold = cache_counters()
     assert cold["autograd_miss"] == 1 and cold["autograd_hit"] == 0 and cold["fxgraph_hit"] == 0
 
+    # A second model shares Dynamo's graph; its optimizers get their own compiled variant.
+    assert_params_close(train_compiled("Adam").parameters(), train_eager("Adam").parameters())
+    variant = cache_counters()
+    assert variant["autograd_hit"] == 0 and variant["fxgraph_hit"] == 0
+
     # Same graph inputs, other optimizer: Adam's coupled weight decay must not reuse AdamW's graph.
     torch._dynamo.reset()  # forget the compiled frames; the caches on disk stay
     assert_params_close(train_compiled("Adam").parameters(), train_eager("Adam").parameters())
