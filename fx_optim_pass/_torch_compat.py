@@ -271,10 +271,16 @@ def compile_inductor(
     observe: GraphsObserver,
     use_caches: bool = True,
     bucket_all_reduces_mb: float | None = None,
+    updates_parameters: bool = True,
 ) -> Callable[..., Any]:
-    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``;
-    with ``bucket_all_reduces_mb``, Inductor's own post-grad pass merges adjacent
-    all-reduces (dependencies respected) into buckets of up to that many MiB."""
+    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``.
+
+    With ``bucket_all_reduces_mb``, Inductor's own post-grad pass merges adjacent
+    all-reduces (dependencies respected) into buckets of up to that many MiB. With
+    ``updates_parameters``, Inductor's layout optimization is off: for a conv it hands
+    the backward a channels-last copy of the weight in place of the parameter, and the
+    update's ``copy_`` would write into that copy (the parameter never changes).
+    """
     from torch._functorch import config as functorch_config
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -286,16 +292,17 @@ def compile_inductor(
         observe("backward" if kwargs.get("is_backward") else "forward", g)
         return compile_fx_inner(g, inputs, **kwargs)
 
+    # compile_fx applies config_patches to the backward too, which AOTAutograd may
+    # compile later, outside any `with config.patch(...)` around this call.
+    patches: dict[str, Any] = {"joint_custom_post_pass": chained, **_bucketing(bucket_all_reduces_mb)}
+    if updates_parameters:
+        patches["layout_optimization"] = False
+    if not use_caches:  # a cache hit would skip the passes and graphs being observed
+        patches["fx_graph_cache"] = False
     with contextlib.ExitStack() as stack:
-        stack.enter_context(config.patch(joint_custom_post_pass=chained))
-        if not use_caches:  # a cache hit would skip the passes and graphs being observed
-            stack.enter_context(config.patch(fx_graph_cache=False))
+        if not use_caches:  # looked up when the forward compiles, inside this block
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
-        # compile_fx applies config_patches to the backward too, which AOTAutograd may
-        # compile later, outside this block.
-        return compile_fx(  # type: ignore[return-value]
-            gm, example_inputs, inner_compile=inner_compile, config_patches=_bucketing(bucket_all_reduces_mb)
-        )
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)  # type: ignore[return-value]
 
 
 def _bucketing(cap_mb: float | None) -> dict[str, Any]:
@@ -355,8 +362,20 @@ def will_run_in_this_backward(node: Any) -> bool:
 
 
 def accumulate_grad_node(param: torch.Tensor) -> Any:
-    """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on)."""
-    return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+    """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on).
+
+    A frozen parameter (``requires_grad=False``) has none yet: one is made for it, and
+    autograd uses that same node once the parameter is unfrozen, as long as the caller
+    keeps it alive (autograd itself holds it only weakly).
+    """
+    if not param.requires_grad:
+        param.requires_grad_(True)
+        try:
+            return accumulate_grad_node(param)
+        finally:
+            param.requires_grad_(False)
+    with torch.enable_grad():
+        return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------- torch.distributed

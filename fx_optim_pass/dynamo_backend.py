@@ -151,6 +151,7 @@ def _compile_variant(
             observe,
             use_caches=observe is _ignore,
             bucket_all_reduces_mb=plan.all_reduce.group.bucket_cap_mb if plan.all_reduce else None,
+            updates_parameters=bool(plan.params),
         )
     else:
         compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)

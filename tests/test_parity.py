@@ -137,3 +137,23 @@ def test_own_optimizer_with_state_made_in_init(device):
     torch.manual_seed(1)
     inputs = [torch.randn(5, 6, device=device) for _ in range(STEPS)]
     train_side_by_side(small_model(device), StateFromInit, {"lr": 0.05}, "aot_eager", inputs)
+
+
+@pytest.mark.parametrize("mode", ["aot_eager", "inductor"])
+def test_float64_parameters_are_updated_with_the_exact_lr(mode, device):
+    """lr=0.1 has no exact float32 value: a float32 lr input would move every float64 update by ~1e-9."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, dtype=torch.float64, device=device)
+    model = nn.Linear(6, 3).to(device, torch.float64)
+    subject, _ = train_side_by_side(model, torch.optim.SGD, {"lr": 0.1}, mode, [x, x], rtol=1e-13, atol=1e-15)
+    assert all(p.dtype == torch.float64 for p in subject.parameters())
+
+
+@pytest.mark.parametrize("mode", ["aot_eager", "inductor"])
+def test_conv_weights_are_updated(mode, device):
+    """Inductor's conv layout optimization (channels-last) saves a converted copy of the weight for
+    the backward; the update must reach the parameter itself, not that copy (found by the fuzzer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+    inputs = [torch.randn(2, 2, 4, 4, device=device) for _ in range(3)]
+    train_side_by_side(model.to(device), torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, mode, inputs)

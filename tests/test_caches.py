@@ -1,0 +1,91 @@
+"""Inductor's FX graph cache and AOTAutograd's cache never serve a graph compiled for other optimizers.
+
+Same architecture, different in-backward optimizers: the graphs differ only by the
+pass's rewrite, so the pass's ``uuid()`` must separate them, in one process and across
+processes sharing a cache directory; with nothing changed, the warm cache is hit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._functorch import config as functorch_config
+from torch._inductor import config as inductor_config
+
+from tests.cache_worker import cache_counters, train_compiled, train_eager
+from tests.helpers import assert_params_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh cache directory with both caches on."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        yield tmp_path
+
+
+def test_same_process_other_optimizer_misses_and_same_one_hits(cache_dir):
+    assert_params_close(train_compiled("AdamW").parameters(), train_eager("AdamW").parameters())
+    cold = cache_counters()
+    assert cold["autograd_miss"] == 1 and cold["autograd_hit"] == 0 and cold["fxgraph_hit"] == 0
+
+    # A second model shares Dynamo's graph; its optimizers get their own compiled variant.
+    assert_params_close(train_compiled("Adam").parameters(), train_eager("Adam").parameters())
+    variant = cache_counters()
+    assert variant["autograd_hit"] == 0 and variant["fxgraph_hit"] == 0
+
+    # Same graph inputs, other optimizer: Adam's coupled weight decay must not reuse AdamW's graph.
+    torch._dynamo.reset()  # forget the compiled frames; the caches on disk stay
+    assert_params_close(train_compiled("Adam").parameters(), train_eager("Adam").parameters())
+    after_adam = cache_counters()
+    assert after_adam["autograd_miss"] == 2 and after_adam["autograd_hit"] == 0 and after_adam["fxgraph_hit"] == 0
+
+    torch._dynamo.reset()
+    assert_params_close(train_compiled("AdamW").parameters(), train_eager("AdamW").parameters())
+    warm = cache_counters()
+    assert warm["autograd_hit"] == 1 and warm["autograd_miss"] == 2
+    assert warm["fxgraph_miss"] == after_adam["fxgraph_miss"]
+
+
+def run_fresh_process(name: str, cache_dir: Path) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cache_worker.py"), name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(report["package"]).resolve().is_relative_to(ROOT), report["package"]  # this checkout's package
+    return report
+
+
+def assert_trained_like_eager(report: dict, name: str) -> None:
+    expected = train_eager(name).parameters()
+    assert_params_close([torch.tensor(p) for p in report["params"]], expected)
+
+
+def test_fresh_processes_sharing_a_cache_directory(cache_dir):
+    sgd = run_fresh_process("SGD", cache_dir)
+    assert sgd["counters"]["autograd_miss"] == 1 and sgd["counters"]["fxgraph_hit"] == 0
+    assert_trained_like_eager(sgd, "SGD")
+
+    adamw = run_fresh_process("AdamW", cache_dir)
+    assert adamw["counters"]["autograd_hit"] == 0 and adamw["counters"]["fxgraph_hit"] == 0
+    assert_trained_like_eager(adamw, "AdamW")
+
+    warm = run_fresh_process("SGD", cache_dir)
+    assert warm["counters"]["autograd_hit"] == 1 and warm["counters"]["autograd_miss"] == 0
+    assert warm["counters"]["fxgraph_miss"] == 0
+    assert_trained_like_eager(warm, "SGD")
