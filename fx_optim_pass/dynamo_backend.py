@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.api import updates_in_backward
@@ -140,8 +142,11 @@ def _compile_variant(
     gm: fx.GraphModule, example_inputs: Sequence[Any], plan: UpdatePlan, compiler: Compiler, observe: GraphObserver
 ) -> Callable[..., Any]:
     runtime_inputs = RuntimeInputs(plan)
-    graph = _torch_compat.copy_dynamo_graph(gm, _extra_input_names(plan))
-    example = _torch_compat.with_scalar_symbols([*example_inputs, *runtime_inputs(example_inputs, for_compile=True)])
+    anchor = [_GRAD_ANCHOR] if plan.params else []
+    graph = _torch_compat.copy_dynamo_graph(gm, [*_extra_input_names(plan), *(["grad_anchor"] if anchor else [])])
+    example = _torch_compat.with_scalar_symbols(
+        [*example_inputs, *runtime_inputs(example_inputs, for_compile=True), *anchor]
+    )
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
         compiled = _torch_compat.compile_inductor(
@@ -159,10 +164,20 @@ def _compile_variant(
         return compiled
 
     names = [p.name for p in plan.params]
+    positions = [p.input_index for p in plan.params]
 
     def run_with_optimizer_inputs(*args: Any) -> Any:
-        outputs = compiled(*args, *runtime_inputs(args))
-        _guard_backward(outputs, [args[p.input_index] for p in plan.params], names)
+        # The updated parameters go in detached, so the compiled backward has no
+        # autograd edge to their AccumulateGrad nodes: an AccumulateGrad node that
+        # still runs in a backward then means gradient from elsewhere (eager code).
+        # The anchor keeps the outputs differentiable when no other input requires grad.
+        params = [args[i] for i in positions]
+        call_args = list(args)
+        for i, param in zip(positions, params):
+            call_args[i] = param.detach()
+        extra = runtime_inputs(args)
+        outputs = compiled(*call_args, *extra, _GRAD_ANCHOR)
+        _guard_backward(outputs, params, names, runtime_inputs.take_installs())
         return outputs
 
     return run_with_optimizer_inputs
@@ -173,22 +188,43 @@ class DoubleBackwardError(RuntimeError):
 
 
 class PartialGradientError(RuntimeError):
-    """A parameter updated in a compiled backward also gets gradient from another compiled call."""
+    """A parameter updated in a compiled backward also gets gradient from elsewhere in the
+    same backward (another compiled call, or eager code)."""
 
+
+# A leaf that requires grad, passed to every compiled call that updates parameters (they
+# go in detached); the graph never reads it, so it never gets a gradient.
+_GRAD_ANCHOR = torch.zeros((), requires_grad=True)
 
 # Compiled calls whose backward has not run yet: (their backward node, weakly; the ids
 # of the parameters they update; those parameters' names).
 _pending_calls: list[tuple[weakref.ref[Any], dict[int, str]]] = []
 
+# Each updated parameter's AccumulateGrad node, held so that it stays the node eager
+# uses of the parameter link to (autograd caches it only weakly), with our pre-hook.
+_accumulate_grad_nodes = WeakTensorKeyDictionary()
 
-def _guard_backward(outputs: Any, params: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+_FIX = (
+    "Compile with fullgraph=True, keep every use of the parameter inside the compiled model and call "
+    "backward() once per forward, or leave these parameters out of apply_optimizer_in_backward."
+)
+
+
+def _guard_backward(
+    outputs: Any, params: Sequence[torch.Tensor], names: Sequence[str], installs: Sequence[Callable[[], None]]
+) -> None:
     """Check, right before this call's compiled backward runs (so before it updates anything):
 
     - no create_graph=True: a higher-order gradient would differentiate through the
       update, and AOTAutograd cannot build it with the update's in-place writes;
     - no other compiled call that updates one of the same parameters runs in this
       backward: each would update on its own part of the gradient (a graph break
-      between two uses of a weight, or two forward calls summed into one loss).
+      between two uses of a weight, or two forward calls summed into one loss);
+    - no eager code sends gradient to one of these parameters in this backward (their
+      AccumulateGrad node runs): the update would miss that part.
+
+    The same check runs before an updated parameter's AccumulateGrad node, for when the
+    eager part arrives first. ``installs`` run after the compiled backward.
     """
     node = _compiled_backward_node(outputs)
     if node is None:
@@ -197,6 +233,7 @@ def _guard_backward(outputs: Any, params: Sequence[torch.Tensor], names: Sequenc
     _pending_calls[:] = [entry for entry in _pending_calls if entry[0]() is not None]
     entry = (weakref.ref(node), updated)
     _pending_calls.append(entry)
+    accumulate_nodes = [_watched_accumulate_grad_node(p) for p in params]
 
     def check(grad_outputs: Any) -> None:
         if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
@@ -213,13 +250,52 @@ def _guard_backward(outputs: Any, params: Sequence[torch.Tensor], names: Sequenc
                 raise PartialGradientError(
                     f"parameter(s) {', '.join(shared)} get gradient from more than one compiled call in this "
                     "backward (a graph break between two uses, or several forward calls in one loss); updating "
-                    "in each call would use a partial gradient. Compile with fullgraph=True and call backward() "
-                    "once per forward, or leave these parameters out of apply_optimizer_in_backward."
+                    f"in each call would use a partial gradient. {_FIX}"
                 )
+        from_eager = [
+            name for name, acc in zip(names, accumulate_nodes) if _torch_compat.will_run_in_this_backward(acc)
+        ]
+        if from_eager:
+            raise _eager_contribution_error(from_eager)
         if entry in _pending_calls:
             _pending_calls.remove(entry)
 
+    def install(*_unused: Any) -> None:
+        for run in installs:
+            run()
+
     node.register_prehook(check)
+    if installs:
+        node.register_hook(install)
+
+
+def _eager_contribution_error(names: Sequence[str]) -> PartialGradientError:
+    return PartialGradientError(
+        f"parameter(s) {', '.join(sorted(names))} get gradient from code outside the compiled graph in this "
+        "backward (an eager term such as a regularizer, or a use after a graph break), and their in-backward "
+        f"optimizers would update them on the compiled part alone. Nothing was updated. {_FIX} "
+        "(An eager regularizer belongs inside the compiled function.)"
+    )
+
+
+def _watched_accumulate_grad_node(param: torch.Tensor) -> Any:
+    """``param``'s AccumulateGrad node, with a pre-hook that refuses its gradient while a
+    compiled call that updates ``param`` is still to run in the same backward."""
+    node = _accumulate_grad_nodes.get(param)
+    if node is not None:
+        return node
+    node = _torch_compat.accumulate_grad_node(param)
+    param_id = id(param)
+
+    def refuse_if_also_compiled(*_unused: Any) -> None:
+        for call_ref, updated in list(_pending_calls):
+            call = call_ref()
+            if call is not None and param_id in updated and _torch_compat.will_run_in_this_backward(call):
+                raise _eager_contribution_error([updated[param_id]])
+
+    node.register_prehook(refuse_if_also_compiled)
+    _accumulate_grad_nodes[param] = node
+    return node
 
 
 def _compiled_backward_node(outputs: Any) -> Any:
@@ -336,6 +412,7 @@ class RuntimeInputs:
         self._scalars: weakref.WeakKeyDictionary[
             torch.optim.Optimizer, dict[tuple[int, str], tuple[float, torch.Tensor]]
         ] = weakref.WeakKeyDictionary()
+        self._installs: list[Callable[[], None]] = []
 
     def __call__(self, args: Sequence[Any], *, for_compile: bool = False) -> list[torch.Tensor]:
         inputs: list[torch.Tensor] = []
@@ -373,8 +450,13 @@ class RuntimeInputs:
         buffers = {c.key: torch.empty(c.shape, dtype=c.dtype, device=param.device) for c in step.created}
         updated = torch.zeros((), dtype=torch.bool, device=param.device)  # the graph sets it
         if not for_compile:
-            _install_after_backward(optimizer, param, buffers, updated)
+            self._installs.append(functools.partial(_install_created_state, optimizer, param, buffers, updated))
         return [*inputs, *buffers.values(), updated]
+
+    def take_installs(self) -> list[Callable[[], None]]:
+        """What the last call must do once its backward ran (see ``_install_created_state``)."""
+        installs, self._installs = self._installs, []
+        return installs
 
     def _lr(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> torch.Tensor:
         lr = group["lr"]
@@ -406,31 +488,15 @@ def _describe(steps: Sequence[tuple[type, Any]]) -> str:
     return ", ".join(f"{cls.__name__}({dict(h) if h else ''})" for cls, h in steps) or "no optimizer"
 
 
-def _install_after_backward(
+def _install_created_state(
     optimizer: torch.optim.Optimizer, param: torch.Tensor, buffers: dict[str, torch.Tensor], updated: torch.Tensor
 ) -> None:
-    """Put state that the first compiled step creates into ``optimizer.state`` once a
-    backward has filled it.
-
-    The AccumulateGrad hook fires after the compiled backward even though it leaves no
-    gradient. It may also fire for another backward (an eager one, or one whose graph
-    never ran this update), so it installs only if the update set ``updated``.
-    """
-    # The hook holds the node, and so keeps it the one the coming forward links
-    # the parameter's gradient edge to (torch caches it only weakly).
-    node = _torch_compat.accumulate_grad_node(param)
-    handles: list[Any] = []
-
-    def install(*_unused: Any) -> None:
-        if updated.item():
-            state = optimizer.state[param]
-            for key, buffer in buffers.items():
-                state.setdefault(key, buffer)
-        handles.pop().remove()
-        node_ref.clear()
-
-    node_ref = [node]
-    handles.append(node.register_hook(install))
+    """After a compiled backward: put the state its update created on the first step
+    (SGD's ``momentum_buffer``) into ``optimizer.state``, if the update ran (``updated``)."""
+    if updated.item():
+        state = optimizer.state[param]
+        for key, buffer in buffers.items():
+            state.setdefault(key, buffer)
 
 
 backend = make_backend(compiler="inductor")

@@ -61,3 +61,46 @@ def test_a_pending_call_outside_this_backward_is_not_a_partial_gradient(device):
     # autograd's version check, as it does with PyTorch's eager in-backward hooks.
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         second.backward()
+
+
+def mlp(device):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_eager_term_on_an_updated_parameter_is_refused_before_any_update(when, compiler, device):
+    """An eager regularizer adds gradient that the compiled update would miss. Computed after
+    the compiled call its backward runs first (AccumulateGrad's check); before, it runs last
+    (the compiled backward's check). Either way nothing is updated."""
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    compiled = torch.compile(model, backend=fop.make_backend(compiler=compiler), fullgraph=True)
+    x = torch.randn(3, 4, device=device)
+    compiled(x).sum().backward()  # an ordinary step first: compiled updates work
+    before = snapshot(model.parameters())
+    if when == "before":
+        penalty = model[0].weight.pow(2).sum()
+        loss = compiled(x).sum() + penalty
+    else:
+        loss = compiled(x).sum() + model[0].weight.pow(2).sum()
+    with pytest.raises(fop.PartialGradientError, match=r"0\.weight get gradient from code outside the compiled"):
+        loss.backward()
+    assert_params_close(model.parameters(), before)
+    assert all(opt.state[p]["step"].item() == 1 for p in model.parameters() for opt in p._in_backward_optimizers)
+
+
+def test_eager_use_of_a_parameter_without_in_backward_optimizer_is_fine(device):
+    """Only updated parameters are guarded: an eager term on an ordinary parameter accumulates into .grad."""
+    model = mlp(device)
+    reference = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model[0].parameters(), {"lr": 0.1})
+    compiled = torch.compile(model, backend=fop.make_backend(compiler="aot_eager"), fullgraph=True)
+    ref_opt = torch.optim.SGD(reference[0].parameters(), lr=0.1)
+    x = torch.randn(3, 4, device=device)
+    (compiled(x).sum() + model[2].weight.pow(2).sum()).backward()
+    (reference(x).sum() + reference[2].weight.pow(2).sum()).backward()
+    ref_opt.step()
+    assert_params_close(model[0].parameters(), reference[0].parameters())
+    torch.testing.assert_close(model[2].weight.grad, reference[2].weight.grad)
