@@ -431,7 +431,7 @@ class RuntimeInputs:
             initialize_state(optimizer, param)
         group = param_group(optimizer, param)
         inputs = [
-            self._lr(optimizer, group),
+            self._lr(step, optimizer, group, param),
             *(
                 self._scalar(optimizer, group, h.name, h.read(group), hyperparameter_tensor)
                 for h in step.hyperparameters
@@ -458,10 +458,15 @@ class RuntimeInputs:
         installs, self._installs = self._installs, []
         return installs
 
-    def _lr(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> torch.Tensor:
+    def _lr(self, step: OptimizerStep, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Any) -> Any:
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             return lr
+        if step.lr_is_tensor:  # float64 parameters: an exact float64 lr on their device
+            device = param.device
+            return self._scalar(
+                optimizer, group, f"lr@{device}", lr, lambda v: torch.tensor(v, dtype=torch.float64, device=device)
+            )
         return self._scalar(optimizer, group, "lr", lr, hyperparameter_tensor)
 
     def _scalar(

@@ -33,6 +33,7 @@ __all__ = [
     "hyperparameter_tensor",
     "initialize_state",
     "runtime_hyperparameters",
+    "takes_tensor_lr",
 ]
 
 # Group keys that only say how torch runs the math, not what it computes; the
@@ -134,6 +135,7 @@ def _run_step(
     lr: torch.Tensor,
     state: dict[str, Any],
     hyperparameters: dict[Hyperparameter, torch.Tensor],
+    lr_is_tensor: bool,
 ) -> None:
     """Torch's own ``step()`` of ``shadow`` on exactly these tensors (mutated in place),
     with each run-time hyperparameter read from its 0-d tensor."""
@@ -143,7 +145,7 @@ def _run_step(
     group["params"] = [param]
     # A float lr is read like the other hyperparameters, but with no landmarks:
     # torch.optim's updates never branch on it. A tensor lr stays a tensor.
-    group["lr"] = lr if isinstance(saved["lr"], torch.Tensor) else lr.item()
+    group["lr"] = lr if lr_is_tensor else lr.item()
     shadow.state = defaultdict(dict, {param: state})
     # torch's foreach paths may update p.grad in place (SGD nesterov); each step
     # gets its own copy, as on torch's default single-tensor CPU path.
@@ -273,12 +275,19 @@ def _shadow_optimizer(
     return shadow
 
 
+def takes_tensor_lr(group: dict[str, Any], param: torch.Tensor) -> bool:
+    """Whether the update takes ``lr`` as a tensor rather than a run-time float: a user's
+    tensor lr, or a float64 parameter (Inductor hands run-time floats to its kernels as
+    32-bit floats, which would round a float64 update's lr)."""
+    return isinstance(group["lr"], torch.Tensor) or param.dtype == torch.float64
+
+
 def compiled_setup(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[tuple[str, Any], ...]:
     """What of ``param``'s group is compiled into the graph: every value that is not a
     run-time float, and for run-time floats the side of each landmark they lie on."""
     group = param_group(optimizer, param)
     setup = [(k, _setup_value(v)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS]
-    setup.append(("lr", "tensor" if isinstance(group["lr"], torch.Tensor) else "run-time float"))
+    setup.append(("lr", "tensor" if takes_tensor_lr(group, param) else "run-time float"))
     return tuple(sorted(setup))
 
 
@@ -306,6 +315,7 @@ class OptimizerStep:
     hyperparameters: tuple[Hyperparameter, ...]
     state_keys: tuple[str, ...]
     created: tuple[CreatedState, ...]
+    lr_is_tensor: bool
     shadow: torch.optim.Optimizer = field(compare=False, repr=False)
 
     @property
@@ -325,6 +335,7 @@ class OptimizerStep:
         """A function ``(param, grad, lr, *state, *created, [exists]) -> None`` that
         mutates its inputs exactly as torch's ``step()`` would."""
         shadow, state_keys, runtime = self.shadow, self.state_keys, self.hyperparameters
+        lr_is_tensor = self.lr_is_tensor
         created_keys = tuple(c.key for c in self.created)
 
         def update(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
@@ -332,18 +343,18 @@ class OptimizerStep:
             tensors = tensors[len(runtime) :]
             state = dict(zip(state_keys, tensors[: len(state_keys)]))
             if not created_keys:
-                _run_step(shadow, param, grad, lr, state, hyperparameters)
+                _run_step(shadow, param, grad, lr, state, hyperparameters, lr_is_tensor)
                 return
             created = tensors[len(state_keys) : len(state_keys) + len(created_keys)]
             exists = tensors[-1]
             # Torch's first step takes another path (SGD: buffer = grad, not the
             # damped average). Trace both from torch's code and select per step.
             first_param, first_state = param.clone(), {k: v.clone() for k, v in state.items()}
-            _run_step(shadow, first_param, grad, lr, first_state, hyperparameters)
+            _run_step(shadow, first_param, grad, lr, first_state, hyperparameters, lr_is_tensor)
             later_param = param.clone()
             later_state = {k: v.clone() for k, v in state.items()}
             later_state.update({k: buf.clone() for k, buf in zip(created_keys, created)})
-            _run_step(shadow, later_param, grad, lr, later_state, hyperparameters)
+            _run_step(shadow, later_param, grad, lr, later_state, hyperparameters, lr_is_tensor)
             param.copy_(torch.where(exists, later_param, first_param))
             for key, tensor in [*state.items(), *zip(created_keys, created)]:
                 tensor.copy_(torch.where(exists, later_state[key], first_state[key]))
@@ -368,7 +379,11 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
     with fake_mode:
         initialize_state(init_shadow, fake_param)
         lr = param_group(optimizer, param)["lr"]
-        fake_lr = fake_mode.from_tensor(lr) if isinstance(lr, torch.Tensor) else torch.empty((), dtype=torch.float64)
+        lr_is_tensor = takes_tensor_lr(param_group(optimizer, param), param)
+        if isinstance(lr, torch.Tensor):
+            fake_lr = fake_mode.from_tensor(lr)
+        else:  # a float64 scalar: on the parameter's device as a tensor lr, else on the CPU
+            fake_lr = torch.empty((), dtype=torch.float64, device=param.device if lr_is_tensor else "cpu")
         fake_grad = torch.empty_like(fake_param)
         # empty, not torch.tensor(value): a fake tensor made from a number is a constant, read as that number
         fake_hyperparameters = [torch.empty((), dtype=torch.float64) for _ in runtime]
@@ -397,7 +412,7 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
 
         def probe(p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, *tensors: torch.Tensor) -> None:
             step_state = dict(zip(state, tensors[len(runtime) :]))
-            _run_step(shadow, p, g, lr, step_state, dict(zip(runtime, tensors)))  # noqa: B023 (called right here)
+            _run_step(shadow, p, g, lr, step_state, dict(zip(runtime, tensors)), lr_is_tensor)  # noqa: B023
             after.update(step_state)  # noqa: B023
 
         example = [fake_param, fake_grad, fake_lr, *fake_hyperparameters, *state.values()]
@@ -406,7 +421,7 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
         except UnsupportedOptimizerError as failure:
             error = error or failure
             continue
-        reads -= len(runtime) + (not isinstance(lr, torch.Tensor))  # the hyperparameters' own reads
+        reads -= len(runtime) + (not lr_is_tensor)  # the hyperparameters' own reads
         if chosen is None:
             chosen = (shadow, after)
         if reads == 0:
@@ -421,7 +436,8 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
         for key, value in after.items()
         if key not in state and isinstance(value, torch.Tensor)
     )
-    return OptimizerStep(type(optimizer), compiled_setup(optimizer, param), runtime, tuple(state), created, shadow)
+    setup = compiled_setup(optimizer, param)
+    return OptimizerStep(type(optimizer), setup, runtime, tuple(state), created, lr_is_tensor, shadow)
 
 
 def hyperparameter_tensor(value: float) -> torch.Tensor:
