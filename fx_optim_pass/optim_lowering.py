@@ -380,6 +380,7 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
         initialize_state(init_shadow, fake_param)
         lr = param_group(optimizer, param)["lr"]
         lr_is_tensor = takes_tensor_lr(param_group(optimizer, param), param)
+        fake_lr: torch.Tensor
         if isinstance(lr, torch.Tensor):
             fake_lr = fake_mode.from_tensor(lr)
         else:  # a float64 scalar: on the parameter's device as a tensor lr, else on the CPU
