@@ -288,7 +288,23 @@ def compiled_setup(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tup
     group = param_group(optimizer, param)
     setup = [(k, _setup_value(v)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS]
     setup.append(("lr", "tensor" if takes_tensor_lr(group, param) else "run-time float"))
+    # A user's optimizer may read its own attributes in step() (self.scale): traced, they
+    # are constants of the graph, so they are part of its setup too.
+    setup.extend(
+        (f"self.{k}", repr(v))
+        for k, v in vars(optimizer).items()
+        if not k.startswith("_") and k not in _OPTIMIZER_FIELDS and _is_plain_data(v)
+    )
     return tuple(sorted(setup))
+
+
+_OPTIMIZER_FIELDS = {"defaults", "param_groups", "state"}
+
+
+def _is_plain_data(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain_data(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 @dataclass(frozen=True)

@@ -127,3 +127,28 @@ def test_structural_flag_change_recompiles(device):
                 optimizer.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
 
     assert train(model, opt, reference, ref_opt, "aot_eager", device, amsgrad_later) == 1
+
+
+class ScaledSGD(torch.optim.Optimizer):
+    """A user's optimizer whose step() reads an attribute of its own, not a param-group entry."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+        self.scale = 1.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad * (group["lr"] * self.scale))
+
+
+def test_an_optimizers_own_attribute_is_compiled_in_and_a_change_recompiles(device):
+    model, reference = model_pair(device)
+    opt, ref_opt = ScaledSGD(model.parameters()), ScaledSGD(reference.parameters())
+
+    def rescale(step, optimizer):
+        optimizer.scale = 3.0 if step >= STEPS // 2 else 1.0
+
+    assert train(model, opt, reference, ref_opt, "aot_eager", device, rescale) == 1
