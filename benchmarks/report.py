@@ -194,3 +194,18 @@ def write_report(results: dict[str, Any], out: Path, suffix: str) -> str:
     except ImportError:  # a bare GPU machine without matplotlib: JSON and markdown only
         print("matplotlib is not installed: no plots")
     return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Render the markdown and plots again from a run's JSON: ``python -m benchmarks.report RESULTS.json``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args(argv)
+    print(write_report(json.loads(args.results.read_text()), args.results.parent, args.results.stem))
+
+
+if __name__ == "__main__":
+    main()

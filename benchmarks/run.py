@@ -99,6 +99,7 @@ def workloads(quick: bool) -> list[Workload]:
     gpt = GPT_QUICK if quick else GPT_FULL
     finetune = GPTConfig(**{**gpt.__dict__, "seq_len": 64})
     return [
+        Workload("tiny-mlp", "fine-tuning", _mlp(batch=4, width=32, depth=2)),  # for tests: run only when named
         Workload("mlp", "fine-tuning", _mlp(batch=64, width=1024, depth=8)),
         Workload("gpt-finetune", "fine-tuning", _gpt(finetune, batch=1)),
         Workload("gpt-pretrain", "pre-training", _gpt(gpt, batch=4 if quick else 8)),
@@ -273,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 4096
 
-    chosen = [w for w in workloads(args.quick) if not args.models or w.name in args.models]
+    chosen = [
+        w for w in workloads(args.quick) if w.name in (args.models or []) or (not args.models and w.name != "tiny-mlp")
+    ]
     bandwidth = floors.copy_bandwidth(device, 2**27 if device.type == "cpu" else 2**30)
     started = time.perf_counter()
     results: dict[str, Any] = {
