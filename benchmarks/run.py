@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 5; quick 3)")
     parser.add_argument("--steps-per-round", type=int, help="timed steps per peer per round (default 5; quick 3)")
-    parser.add_argument("--recompile-steps", type=int, default=50, help="steps with an LR scheduler (default 50)")
+    parser.add_argument("--recompile-steps", type=int, help="steps with an LR scheduler (default 50; quick 20)")
     parser.add_argument(
         "--scale", type=int, nargs="*", help="parameter tensor counts (default 50 200 1000; quick 50 200)"
     )
@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     rounds = args.rounds or (3 if args.quick else 5)
     steps_per_round = args.steps_per_round or (3 if args.quick else 5)
+    recompile_steps = args.recompile_steps or (20 if args.quick else 50)
     scale = args.scale if args.scale is not None else ([50, 200] if args.quick else [50, 200, 1000])
     # Several peers compile the same forward code; each is its own cache entry.
     torch._dynamo.config.recompile_limit = 64
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rounds": rounds,
         "steps_per_round": steps_per_round,
+        "recompile_steps": recompile_steps,
         "peers": {name: PEERS[name][0] for name in args.peers},
         "configs": [],
         "scale": [],
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         for opt in args.optimizers or OPTIMIZERS:
             if args.optimizers or not args.quick or (workload.name, opt) in QUICK_CONFIGS:
                 config = bench_config(
-                    workload, opt, args.peers, device, rounds, steps_per_round, args.recompile_steps, bandwidth
+                    workload, opt, args.peers, device, rounds, steps_per_round, recompile_steps, bandwidth
                 )
                 results["configs"].append(config)
                 _save(results, args.out / f"{suffix}.json")  # a run cut short keeps what it measured
