@@ -57,7 +57,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Device: {results['device']} ({results['device_name']}, {results['threads']} threads), "
         f"torch {results['torch']}; copy bandwidth {results['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
-        f"{results['rounds']} interleaved rounds x {results['steps_per_round']} steps per peer.",
+        f"{results['rounds']} interleaved rounds x {results['steps_per_round']} steps per peer; "
+        f"recompiles over {results.get('recompile_steps', 50)} steps with an LR scheduler.",
         f"Command: `{results['command']}`",
         "",
         "### Targets (fx_optim; ✗ = target missed)",
