@@ -81,8 +81,8 @@ def build_peer(
     params = list(model.parameters())
 
     if name in ("eager_foreach", "eager_fused", "compiled_model"):
-        flag = {"fused": True} if name == "eager_fused" else {"foreach": True}
-        opt = optimizer_class(params, **kwargs, **flag)
+        flag: dict[str, Any] = {"fused": True} if name == "eager_fused" else {"foreach": True}
+        opt = optimizer_class(params, **{**kwargs, **flag})
         forward = torch.compile(model, backend=shared) if name == "compiled_model" else model
 
         def step() -> None:
@@ -119,7 +119,9 @@ def build_peer(
         from torch._dynamo import compiled_autograd
 
         lr = {"lr": torch.tensor(kwargs["lr"], device=params[0].device)}
-        optimizers = {p: optimizer_class([p], **{**kwargs, **lr}) for p in params}
+        optimizers: dict[torch.Tensor, torch.optim.Optimizer] = {
+            p: optimizer_class([p], **{**kwargs, **lr}) for p in params
+        }
 
         def step_parameter(param: torch.Tensor) -> None:
             optimizers[param].step()

@@ -165,7 +165,8 @@ def bench_config(
     torch.manual_seed(0)
     model, inputs = workload.build(device)
     optimizer_class, kwargs = OPTIMIZERS[optimizer]
-    peers, results = [], {}
+    peers: list[Peer] = []
+    results: dict[str, dict[str, Any]] = {}
     shared_backend = inductor()
     for name in tqdm(peer_names, desc=f"{workload.name}/{optimizer}: compile", leave=False):
         try:
