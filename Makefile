@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint graphs clean
+.PHONY: demo test lint graphs bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,9 +19,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
+# Every figure of benchmarks/README.md; results land in benchmarks/results/.
+bench: $(STAMP)
+	$(PYTHON) -m benchmarks.run
+
+# A subset (smaller transformer, fewer rounds, scale up to 200 tensors): under 5 minutes on 2 cores.
+bench-quick: $(STAMP)
+	$(PYTHON) -m benchmarks.run --quick
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fx_optim_pass tests
-	$(VENV)/bin/ruff format --check fx_optim_pass tests
+	$(VENV)/bin/ruff check fx_optim_pass tests benchmarks
+	$(VENV)/bin/ruff format --check fx_optim_pass tests benchmarks
 	$(VENV)/bin/mypy
 
 graphs: $(STAMP)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT", "GPTConfig", "mlp", "synthetic_tokens"]
+__all__ = ["GPT", "GPTConfig", "convnet", "mlp", "synthetic_tokens"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,26 @@ def mlp(width: int = 1024, depth: int = 8) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def convnet(channels: tuple[int, ...] = (32, 64, 128), num_classes: int = 10) -> nn.Sequential:
+    """A small image classifier: per stage Conv3x3 + BatchNorm + ReLU, then 2x2 max-pool; global pool + Linear.
+
+    BatchNorm's running statistics are buffers mutated in the forward, which a
+    compiled training step must carry along with the parameter updates.
+    """
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for out_channels in channels:
+        layers += [
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        in_channels = out_channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)]
     return nn.Sequential(*layers)
 
 

@@ -27,6 +27,8 @@ import torch.fx as fx
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.optim_lowering import trace_step
 from fx_optim_pass.passes.explicit_alpha import make_alpha_explicit
+from fx_optim_pass.passes.fusable_copies import make_copies_fusable
+from fx_optim_pass.passes.realize_scalars import realize_step_scalars
 from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
 
 __all__ = ["PASS_META_KEY", "insert_optimizer_updates"]
@@ -75,6 +77,8 @@ def _insert_param_update(
         extras = [placeholders[i] for i in input_indices]
         traced = trace_step(step, [_val(current), _val(grad), *map(_val, extras)], param_update.name)
         make_alpha_explicit(traced.graph)  # works around an Inductor miscompile, see explicit_alpha
+        make_copies_fusable(traced.graph)  # no fallback kernel copying the gradient
+        realize_step_scalars(traced.graph)  # scalar math once per step, not once per element
         new_values, cursor = _inline(
             graph,
             traced,
