@@ -284,21 +284,49 @@ def takes_tensor_lr(group: dict[str, Any], param: torch.Tensor) -> bool:
 
 def compiled_setup(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[tuple[str, Any], ...]:
     """What of ``param``'s group is compiled into the graph: every value that is not a
-    run-time float, and for run-time floats the side of each landmark they lie on."""
+    run-time float, and for run-time floats the side of each landmark they lie on.
+
+    Asked for every parameter at every call, so it is memoized on the values it is
+    made from (a change of ``lr`` alone, the common one, reuses it)."""
     group = param_group(optimizer, param)
+    try:
+        key = (
+            type(optimizer),
+            param.dtype,
+            isinstance(group["lr"], torch.Tensor),
+            tuple(item for item in group.items() if item[0] not in _IGNORED_GROUP_KEYS),
+            tuple(item for item in vars(optimizer).items() if item[0][0] != "_" and item[0] not in _OPTIMIZER_FIELDS),
+        )
+        setup = _setups.get(key)
+    except TypeError:  # an unhashable value: compute it each time
+        return _compiled_setup(optimizer, group, param)
+    if setup is None:
+        if len(_setups) > 4096:  # values that keep changing (momentum cycling) must not pile up
+            _setups.clear()
+        setup = _setups[key] = _compiled_setup(optimizer, group, param)
+    return setup
+
+
+_setups: dict[Any, tuple[tuple[str, Any], ...]] = {}
+
+
+def _compiled_setup(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor
+) -> tuple[tuple[str, Any], ...]:
     setup = [(k, _setup_value(v)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS]
     setup.append(("lr", "tensor" if takes_tensor_lr(group, param) else "run-time float"))
     # A user's optimizer may read its own attributes in step() (self.scale): traced, they
     # are constants of the graph, so they are part of its setup too.
-    setup.extend(
-        (f"self.{k}", repr(v))
-        for k, v in vars(optimizer).items()
-        if not k.startswith("_") and k not in _OPTIMIZER_FIELDS and _is_plain_data(v)
-    )
+    setup.extend((f"self.{k}", repr(v)) for k, v in vars(optimizer).items() if _is_setting(k, v))
     return tuple(sorted(setup))
 
 
 _OPTIMIZER_FIELDS = {"defaults", "param_groups", "state"}
+
+
+def _is_setting(name: str, value: Any) -> bool:
+    """A public attribute of an optimizer instance holding plain data, which step() may read."""
+    return not name.startswith("_") and name not in _OPTIMIZER_FIELDS and _is_plain_data(value)
 
 
 def _is_plain_data(value: Any) -> bool:
