@@ -23,7 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m benchmarks.run
 
-# A subset (smaller transformer, fewer rounds, scale up to 200 tensors): under 5 minutes on 2 cores.
+# A subset (smaller transformer, one optimizer per model, fewer rounds, scale 50 tensors): under 5 minutes on 2 cores.
 bench-quick: $(STAMP)
 	$(PYTHON) -m benchmarks.run --quick
 
