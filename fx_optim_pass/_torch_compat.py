@@ -116,20 +116,85 @@ def copy_dynamo_graph(gm: fx.GraphModule, extra_inputs: Sequence[str]) -> fx.Gra
 
 
 @contextlib.contextmanager
-def optimizer_step_as_if_compiling() -> Iterator[None]:
+def optimizer_step_as_if_compiling(optimizer_class: type) -> Iterator[None]:
     """Let torch.optim take the paths it takes under torch.compile.
 
     With the flag set, optimizers keep ``step`` and tensor hyperparameters as
     tensors instead of calling ``.item()``, and skip eager-only device checks.
+    Where an update compares numbers read at run time with Python's ``min``/``max``
+    (Adafactor), the files defining ``optimizer_class`` see forms that compute the
+    same value without a Python comparison, so it happens at run time.
     """
     import torch.compiler as compiler
 
+    # torch renames __module__ to "torch.optim": take the globals of the files themselves.
+    namespaces = {
+        id(f.__globals__): f.__globals__
+        for c in optimizer_class.__mro__
+        if (f := vars(c).get("__init__")) is not None and hasattr(f, "__globals__")
+    }
     old = compiler._is_compiling_flag
     compiler._is_compiling_flag = True
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for namespace in namespaces.values():
+                for name, choose in (("min", _traced_min), ("max", _traced_max)):
+                    if name not in namespace:
+                        stack.enter_context(_global(namespace, name, choose))
+            stack.enter_context(_InPlaceAsFunctional())
+            yield
     finally:
         compiler._is_compiling_flag = old
+
+
+class _InPlaceAsFunctional(torch.overrides.TorchFunctionMode):
+    """Two rewrites that keep an update traceable, each computing the same values:
+    ``x.square_()``, which functionalization cannot trace, as ``x.copy_(x.square())``;
+    and ``lerp`` with a weight read at run time as a number, as ``lerp`` with a 0-d
+    tensor weight (its formula is then chosen at run time, as torch's kernel does)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.square_:
+            (tensor,) = args
+            return tensor.copy_(tensor.square())
+        if func in (torch.Tensor.lerp_, torch.Tensor.lerp, torch.lerp) and len(args) == 3:
+            start, end, weight = args
+            if isinstance(weight, torch.SymFloat):
+                weight = torch.full((), weight, dtype=start.dtype, device=start.device)  # type: ignore[call-overload]
+                return func(start, end, weight, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _global(namespace: dict[str, Any], name: str, value: Any) -> Iterator[None]:
+    namespace[name] = value
+    try:
+        yield
+    finally:
+        del namespace[name]
+
+
+def _traced_choice(builtin: Callable[..., Any], symbolic: Callable[[Any, Any], Any], bound: str) -> Callable[..., Any]:
+    """``builtin`` (min or max) that, for two operands of which one is a symbol or a 0-d
+    tensor, computes the same value without a Python comparison."""
+
+    def choose(*args: Any, **kwargs: Any) -> Any:
+        if len(args) != 2 or kwargs:
+            return builtin(*args, **kwargs)
+        a, b = args
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            tensor, other = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+            return tensor.clamp(**{bound: other})
+        if isinstance(a, (torch.SymFloat, torch.SymInt)) or isinstance(b, (torch.SymFloat, torch.SymInt)):
+            return symbolic(a, b)
+        return builtin(a, b)
+
+    return choose
+
+
+_traced_min = _traced_choice(min, torch.sym_min, "max")
+_traced_max = _traced_choice(max, torch.sym_max, "min")
 
 
 def trace_functional(fn: Callable[..., Any], example_args: Sequence[torch.Tensor]) -> fx.GraphModule:

@@ -151,7 +151,7 @@ def _run_step(
     # gets its own copy, as on torch's default single-tensor CPU path.
     param.grad = grad.clone()
     try:
-        with _torch_compat.optimizer_step_as_if_compiling():
+        with _torch_compat.optimizer_step_as_if_compiling(type(shadow)):
             _class_step(shadow)
     finally:
         param.grad = None
@@ -436,7 +436,7 @@ def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_n
     # constant, read as that number instead of a run-time value.
     with fake_mode:
         state = {
-            k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v
+            k: torch.empty(v.shape, dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
             for k, v in init_shadow.state.get(fake_param, {}).items()
         }
     for key, value in state.items():
@@ -516,7 +516,10 @@ def runtime_scalar_reads(graph: fx.GraphModule, name: str, param_name: str) -> i
     reads = 0
     for node in graph.graph.nodes:
         if node.target is torch.ops.aten._local_scalar_dense.default:
-            if not isinstance(node.meta.get("val"), (torch.SymFloat, torch.SymInt, torch.SymBool)):
+            value = node.meta.get("val")
+            # A symbol is computed at every step. A plain number was frozen at trace
+            # time; so was a read whose result nothing uses (the number was inlined).
+            if isinstance(value, (bool, int, float)) or (value is None and not node.users):
                 raise UnsupportedOptimizerError(
                     f"{name}.step() on parameter {param_name!r} reads a tensor as a Python number "
                     "(.item()) whose value would be frozen into the compiled graph. "

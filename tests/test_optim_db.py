@@ -10,21 +10,17 @@ import torch
 from torch import nn
 from torch.testing._internal.common_optimizers import optim_db
 
-import fx_optim_pass as fop
-from tests.helpers import assert_params_close, in_mode, train_side_by_side
+from tests.helpers import train_side_by_side
 
 STEPS = 5
 # Need a closure or sparse gradients: refused at setup (see test_bad_input.py).
 NOT_PER_PARAMETER = {"LBFGS", "SparseAdam"}
-# Its step() reads tensors as Python numbers (step.item(), param.norm().item()) and
-# feeds them to Python's max(): refused at compile time, see test below.
-UNTRACEABLE = {"Adafactor"}
 
 
 def configs(device):
     for info in optim_db:
         name = info.optim_cls.__name__
-        if name in NOT_PER_PARAMETER | UNTRACEABLE:
+        if name in NOT_PER_PARAMETER:
             continue
         for optim_input in info.optim_inputs_func(device=device):
             yield pytest.param(info.optim_cls, optim_input.kwargs, id=f"{name}-{optim_input.desc}")
@@ -56,20 +52,10 @@ def test_optim_db_parity_aot_eager(optimizer_class, kwargs, device):
 INDUCTOR_CONFIGS = [
     pytest.param(info.optim_cls, info.optim_inputs_func(device="cpu")[-1].kwargs, id=info.optim_cls.__name__)
     for info in optim_db
-    if info.optim_cls.__name__ not in NOT_PER_PARAMETER | UNTRACEABLE
+    if info.optim_cls.__name__ not in NOT_PER_PARAMETER
 ]
 
 
 @pytest.mark.parametrize(("optimizer_class", "kwargs"), INDUCTOR_CONFIGS)
 def test_optim_db_parity_inductor(optimizer_class, kwargs, device):
     check_parity(optimizer_class, kwargs, "inductor", device)
-
-
-def test_untraceable_optimizer_is_refused_before_any_change():
-    model = model_for(torch.optim.Adafactor, "cpu")
-    fop.apply_optimizer_in_backward(torch.optim.Adafactor, model.parameters(), {"lr": 0.01})
-    before = [p.detach().clone() for p in model.parameters()]
-    compiled = in_mode(model, "aot_eager")
-    with pytest.raises(Exception, match=r"Adafactor\.step\(\) on parameter '0\.weight' cannot be traced"):
-        compiled(torch.randn(5, 4)).sum().backward()
-    assert_params_close(model.parameters(), before)
