@@ -42,6 +42,7 @@ __all__ = [
     "qualified_name_from_source",
     "run_and_get_code",
     "run_on_fake",
+    "shard_collective_ops",
     "structured_trace_enabled",
     "sync_module_states",
     "trace_functional",
@@ -392,6 +393,20 @@ def all_reduce_ops() -> tuple[Any, Any]:
 
     ops = torch.ops._c10d_functional
     return ops.all_reduce.default, ops.wait_tensor.default
+
+
+def shard_collective_ops() -> tuple[Any, Any, Any]:
+    """PyTorch's functional collectives ``(reduce_scatter_tensor, all_gather_into_tensor, wait_tensor)``.
+
+    ``reduce_scatter_tensor(t, reduce_op, group_size, group_name)`` returns this rank's
+    ``1/group_size`` of the reduced ``t`` (split along dim 0);
+    ``all_gather_into_tensor(t, group_size, group_name)`` concatenates every rank's ``t``
+    along dim 0. Both are ready after ``wait_tensor``; Inductor lowers both.
+    """
+    import torch.distributed._functional_collectives  # registers the ops and their fake impls
+
+    ops = torch.ops._c10d_functional
+    return ops.reduce_scatter_tensor.default, ops.all_gather_into_tensor.default, ops.wait_tensor.default
 
 
 def process_group_name(group: Any) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "broadcast_from_first_rank",
     "check_not_in_ddp",
     "check_same_parameters",
+    "check_shardable_optimizers",
     "data_parallel_spec",
     "resolve_process_group",
 ]
@@ -46,14 +47,22 @@ def resolve_process_group(process_group: Any) -> Any:
     return group
 
 
-def data_parallel_spec(process_group: Any, bucket_cap_mb: float | None = None) -> DataParallelSpec:
-    """The name and size of ``process_group``, as the compiled graph's collectives use them."""
+def data_parallel_spec(
+    process_group: Any, bucket_cap_mb: float | None = None, shard_optimizer_state: bool = False
+) -> DataParallelSpec:
+    """The name and size of ``process_group`` and this rank in it, as the compiled graph's collectives use them."""
     import torch.distributed as dist
 
     if bucket_cap_mb is not None and not bucket_cap_mb > 0:
         raise ValueError(f"bucket_cap_mb must be a positive number of MiB or None, got {bucket_cap_mb!r}")
     group = resolve_process_group(process_group)
-    return DataParallelSpec(_torch_compat.process_group_name(group), dist.get_world_size(group), bucket_cap_mb)
+    return DataParallelSpec(
+        _torch_compat.process_group_name(group),
+        dist.get_world_size(group),
+        bucket_cap_mb,
+        shard_optimizer_state=bool(shard_optimizer_state),
+        rank=dist.get_rank(group),
+    )
 
 
 def check_not_in_ddp(module: torch.nn.Module) -> None:
@@ -95,6 +104,18 @@ def check_same_parameters(module: torch.nn.Module, process_group: Any) -> None:
                     f"{_show(theirs.get(name))} on rank {rank} (ranks in process_group). Build the same model "
                     "on every rank before fx_optim_pass.data_parallel."
                 )
+
+
+def check_shardable_optimizers(module: torch.nn.Module) -> None:
+    """Refuse, for ``shard_optimizer_state=True``, in-backward optimizers whose update needs the whole parameter."""
+    from fx_optim_pass.optim_lowering import UnsupportedOptimizerError, check_shardable
+
+    for name, param in module.named_parameters():
+        for optimizer in getattr(param, "_in_backward_optimizers", ()):
+            try:
+                check_shardable(type(optimizer), name)
+            except UnsupportedOptimizerError as error:
+                raise DataParallelSetupError(str(error)) from None
 
 
 def _show(entry: tuple[tuple[int, ...], str] | None) -> str:

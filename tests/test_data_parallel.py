@@ -36,6 +36,9 @@ WORKER_CASES = [
     "eager-optimizer",
     "different-models",
     "ddp-wrapped",
+    "sharded-sgd-aot_eager",
+    "sharded-adamw-aot_eager",
+    "sharded-adamw-inductor",
     "rank-dies",  # last: rank 1 leaves
 ]
 LAUNCH_TIMEOUT_S = 150  # generous for a loaded 2-core machine; one launch takes ~30 s here
@@ -88,6 +91,14 @@ def test_inductor_buckets_small_all_reduces_and_parity_holds(two_ranks):
 
 def test_parameters_without_in_backward_optimizer_get_averaged_grad(two_ranks):
     _check(two_ranks, "eager-optimizer")
+
+
+@pytest.mark.parametrize("case", ["sharded-sgd-aot_eager", "sharded-adamw-aot_eager", "sharded-adamw-inductor"])
+def test_sharded_optimizer_state_matches_ddp_and_holds_one_shard_per_rank(two_ranks, case):
+    """shard_optimizer_state=True: 5 steps equal DDP + eager torch.optim (and the unsharded run,
+    aot_eager) on both ranks; each rank's state tensors have ceil(numel / 2) elements; one
+    reduce-scatter and one all-gather per parameter in the backward, no all-reduce."""
+    _check(two_ranks, case)
 
 
 def test_ranks_with_different_models_are_refused_before_any_change(two_ranks):
