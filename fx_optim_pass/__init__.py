@@ -14,6 +14,7 @@ from fx_optim_pass.dynamo_backend import (
     DoubleBackwardError,
     OptimizerChangedError,
     PartialGradientError,
+    ShardedStateError,
     backend,
     make_backend,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "OptimizerChangedError",
     "PartialGradientError",
     "Report",
+    "ShardedStateError",
     "UnsupportedOptimizerError",
     "apply_optimizer_in_backward",
     "attach",

@@ -9,9 +9,9 @@ import torch
 
 from fx_optim_pass.distributed import (
     broadcast_from_first_rank,
-    check_shardable_optimizers,
     check_not_in_ddp,
     check_same_parameters,
+    check_shardable_optimizers,
     resolve_process_group,
 )
 from fx_optim_pass.dynamo_backend import DEFAULT_BUCKET_CAP_MB, Compiler, GraphObserver, make_backend

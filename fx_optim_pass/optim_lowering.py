@@ -395,6 +395,7 @@ def describe_step(
     name = type(optimizer).__name__
     # A shape environment turns .item() into a run-time symbol instead of an error.
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake_param: torch.Tensor
     if shard_numel is None:
         fake_param = fake_mode.from_tensor(param.detach(), static_shapes=True)
     else:

@@ -170,3 +170,64 @@ def test_each_gradient_is_all_reduced_right_before_its_update_in_the_backward(on
     reference(x).pow(2).mean().backward()
     reference_opt.step()
     assert_params_close(model.parameters(), reference.parameters())
+
+
+def test_sharded_update_runs_between_reduce_scatter_and_all_gather_in_the_backward(one_rank):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    backend = fop.data_parallel(
+        model, compiler="aot_eager", shard_optimizer_state=True, observer=lambda kind, gm: graphs.setdefault(kind, gm)
+    )
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(4, 6)).sum().backward()
+
+    nodes = list(graphs["backward"].graph.nodes)
+    for name, _ in model.named_parameters():
+        roles = [n.meta[PASS_META_KEY][1] for n in nodes if n.meta.get(PASS_META_KEY, ("",))[0] == name]
+        collectives = [
+            str(n.target) for n in nodes if n.meta.get(PASS_META_KEY, ("",))[0] == name and "c10d" in str(n.target)
+        ]
+        first = {role: roles.index(role) for role in ("scatter", "update", "gather", "write_param")}
+        assert first["scatter"] < first["update"] < first["gather"] < first["write_param"], (name, roles)
+        assert max(i for i, r in enumerate(roles) if r == "update") < first["gather"], (name, roles)
+        assert [c.split(".")[1] for c in collectives] == [
+            "reduce_scatter_tensor", "wait_tensor", "all_gather_into_tensor", "wait_tensor"
+        ], (name, collectives)  # fmt: skip
+    assert not any(ALL_REDUCE_META_KEY in n.meta for n in nodes)
+    state = fop.get_in_backward_optimizers(model)[0].state[model[0].weight]
+    assert state["exp_avg"].shape == (48,)  # one rank: its shard is the whole flattened parameter
+
+
+def test_sharding_refuses_an_optimizer_that_needs_the_whole_parameter(one_rank):
+    model = nn.Linear(4, 2)
+    fop.apply_optimizer_in_backward(torch.optim.Adafactor, model.parameters(), {"lr": 0.01})
+    before = snapshot(model.parameters())
+    with pytest.raises(fop.DataParallelSetupError, match=r"Adafactor on parameter 'weight' cannot run on a shard"):
+        fop.data_parallel(model, compiler="aot_eager", shard_optimizer_state=True)
+    assert_params_close(model.parameters(), before)
+
+
+def test_sharding_without_a_process_group_is_refused():
+    with pytest.raises(ValueError, match=r"shard_optimizer_state=True .* pass process_group="):
+        fop.make_backend(shard_optimizer_state=True)
+
+
+def test_full_parameter_state_loaded_into_a_sharded_run_is_refused_before_any_update(one_rank):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 8)
+    unsharded = deepcopy(model)
+    eager_opt = torch.optim.AdamW([unsharded.weight], lr=0.1)  # one optimizer per parameter, as in-backward
+    unsharded(torch.randn(2, 6)).sum().backward()
+    eager_opt.step()
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    backend = fop.data_parallel(model, compiler="aot_eager", shard_optimizer_state=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled(torch.randn(2, 6)).sum().backward()  # compiled, with sharded state
+    fop.get_in_backward_optimizers(model)[0].load_state_dict(eager_opt.state_dict())  # a full-parameter checkpoint
+    before = snapshot(model.parameters())
+    with pytest.raises(
+        fop.ShardedStateError, match=r"'exp_avg' of parameter 'weight' has shape \(8, 6\).* 48 elements"
+    ):
+        compiled(torch.randn(2, 6)).sum().backward()
+    assert_params_close(model.parameters(), before)

@@ -173,7 +173,8 @@ def _inline(
         env[node] = new
         cursor = new
     returned = fx.map_arg(traced.graph.output_node().args[0], env.__getitem__)
-    return new_values, list(returned) if isinstance(returned, (list, tuple)) else [returned], cursor
+    values = list(returned) if isinstance(returned, (list, tuple)) else [returned]
+    return new_values, [v for v in values if isinstance(v, fx.Node)], cursor
 
 
 def _write(
