@@ -39,13 +39,16 @@ __all__ = [
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
     "process_group_name",
+    "process_group_timeout",
     "qualified_name_from_source",
+    "resolve_group_name",
     "run_and_get_code",
     "run_on_fake",
     "shard_collective_ops",
     "structured_trace_enabled",
     "sync_module_states",
     "trace_functional",
+    "translate_backward_errors",
     "will_run_in_this_backward",
 ]
 
@@ -362,6 +365,33 @@ def will_run_in_this_backward(node: Any) -> bool:
     return bool(torch._C._will_engine_execute_node(node))
 
 
+def translate_backward_errors(node: Any, translate: Callable[[Exception], Exception | None]) -> None:
+    """Make the ``torch.autograd.Function`` behind backward node ``node`` (AOTAutograd's
+    ``CompiledFunction``, one class per compiled graph) raise ``translate(error)``, chained
+    to ``error``, where its backward raises ``error``; ``None`` re-raises ``error``.
+
+    The autograd engine looks ``backward`` up on the Function class at every call, so this
+    covers every later backward of that graph, however it was compiled or cached. Done once
+    per class.
+    """
+    function_class = getattr(type(node), "_forward_cls", None)
+    if function_class is None or "_fx_optim_pass_translate" in function_class.__dict__:
+        return
+    backward = function_class.backward
+
+    def translated_backward(ctx: Any, *grad_outputs: Any) -> Any:
+        try:
+            return backward(ctx, *grad_outputs)
+        except Exception as error:
+            replacement = translate(error)
+            if replacement is None:
+                raise
+            raise replacement from error
+
+    function_class._fx_optim_pass_translate = translate
+    function_class.backward = staticmethod(translated_backward)
+
+
 def accumulate_grad_node(param: torch.Tensor) -> Any:
     """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on).
 
@@ -414,6 +444,23 @@ def process_group_name(group: Any) -> str:
     from torch.distributed._functional_collectives import _resolve_group_name
 
     return str(_resolve_group_name(group))
+
+
+def resolve_group_name(group_name: str) -> Any:
+    """The ``ProcessGroup`` that functional collectives know as ``group_name``."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)  # type: ignore[arg-type]  # GroupName is a str NewType
+
+
+def process_group_timeout(group: Any) -> Any:
+    """The timeout (a ``timedelta``) of ``group``'s backend, or ``None`` where torch does not say."""
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    return None
 
 
 def run_on_fake(fn: Callable[..., Any], *fake_args: Any) -> Any:

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.api import updates_in_backward
-from fx_optim_pass.distributed import data_parallel_spec
+from fx_optim_pass.distributed import collective_error, data_parallel_spec
 from fx_optim_pass.optim_lowering import (
     OptimizerStep,
     check_shardable,
@@ -175,6 +175,8 @@ def _compile_variant(
         )
     else:
         compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)
+    if plan.all_reduce is not None:
+        compiled = _name_rank_on_collective_failure(compiled, plan.all_reduce.group)
     if not plan.params:
         return compiled
 
@@ -186,6 +188,20 @@ def _compile_variant(
         return outputs
 
     return run_with_optimizer_inputs
+
+
+def _name_rank_on_collective_failure(compiled: Callable[..., Any], spec: DataParallelSpec) -> Callable[..., Any]:
+    """``compiled``, whose backward raises ``CollectiveError`` (group, this rank, the peer where
+    known) in place of the backend's bare error when one of its collectives fails."""
+
+    def run_naming_rank_on_failure(*args: Any) -> Any:
+        outputs = compiled(*args)
+        node = _compiled_backward_node(outputs)
+        if node is not None:
+            _torch_compat.translate_backward_errors(node, lambda error: collective_error(error, spec))
+        return outputs
+
+    return run_naming_rank_on_failure
 
 
 class DoubleBackwardError(RuntimeError):

@@ -175,9 +175,14 @@ def surviving_rank_fails_fast(results: dict[str, str]) -> None:
     start = time.monotonic()
     try:
         compiled(torch.randn(5, 6)).sum().backward()
-    except RuntimeError:
+    except fop.CollectiveError as error:
         elapsed = time.monotonic() - start
         assert elapsed < 20, f"the collective failed only after {elapsed:.0f} s"
+        message = str(error)
+        assert "failed on rank 0 of process group" in message and "(2 ranks; global rank 0)" in message, message
+        assert "timeout (0:00:30;" in message, message  # init_process_group(timeout=30 s) below
+        assert error.__cause__ is not None, "the backend's own error is not chained"
+        print(f"rank 0 got: {message}", file=sys.stderr)
     else:
         raise AssertionError("a backward whose peer is gone completed")
 

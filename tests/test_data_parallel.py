@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fx_optim_pass as fop
+from fx_optim_pass.distributed import collective_error
 from fx_optim_pass.passes.all_reduce_grads import ALL_REDUCE_META_KEY
 from fx_optim_pass.passes.insert_updates import PASS_META_KEY
 from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, UpdatePlan
@@ -110,6 +111,8 @@ def test_model_wrapped_in_ddp_is_refused(two_ranks):
 
 
 def test_a_rank_that_dies_mid_training_does_not_hang_the_others(two_ranks):
+    """Rank 0's next backward fails within seconds with a CollectiveError naming the group,
+    rank 0 and the process group's timeout, chained to gloo's error."""
     _check(two_ranks, "rank-dies")
 
 
@@ -231,3 +234,15 @@ def test_full_parameter_state_loaded_into_a_sharded_run_is_refused_before_any_up
     ):
         compiled(torch.randn(2, 6)).sum().backward()
     assert_params_close(model.parameters(), before)
+
+
+def test_collective_failures_name_this_rank_and_the_peer_where_the_backend_does():
+    spec = DataParallelSpec("3", 4, rank=2)
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.7]:6067. Check logs.")
+    error = collective_error(gloo, spec)
+    assert error is not None
+    assert "failed on rank 2 of process group '3' (4 ranks; global rank 2): Connection closed by peer" in str(error)
+    nccl = torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1.")
+    assert "The backend names rank 1 as the peer" in str(collective_error(nccl, spec))
+    assert collective_error(ValueError("Connection closed"), spec) is None  # not a backend error
+    assert collective_error(RuntimeError("shape mismatch in mm"), spec) is None
