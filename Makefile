@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint graphs clean
+.PHONY: demo test lint graphs bench-dist clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,8 +24,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check fx_optim_pass tests
 	$(VENV)/bin/mypy
 
+bench-dist: $(STAMP)
+	$(PYTHON) benchmarks/distributed.py --out bench_dist_out
+
 graphs: $(STAMP)
 	EXPECTTEST_ACCEPT=1 $(PYTHON) -m pytest -q tests/test_golden_graphs.py
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out bench_dist_out
