@@ -310,16 +310,20 @@ def compile_inductor(
 
 
 def _bucketing(cap_mb: float | None) -> dict[str, Any]:
-    """Inductor config for its post-grad all-reduce bucketing pass (torch 2.11+)."""
+    """Inductor config for its post-grad bucketing passes of all-reduces, and of the
+    reduce-scatters and all-gathers of sharded updates (torch 2.11+; each where it exists)."""
     from torch._inductor import config
 
-    if cap_mb is None or not hasattr(config, "bucket_all_reduces_fx"):
+    if cap_mb is None:
         return {}
     # A picklable determinator: it is part of Inductor's cache key.
-    return {
-        "bucket_all_reduces_fx": "all",
-        "bucket_all_reduces_fx_bucket_size_determinator": functools.partial(_constant_bucket_cap, cap_mb),
-    }
+    determinator = functools.partial(_constant_bucket_cap, cap_mb)
+    patches: dict[str, Any] = {}
+    for collective in ("all_reduces", "reduce_scatters", "all_gathers"):
+        if hasattr(config, f"bucket_{collective}_fx"):
+            patches[f"bucket_{collective}_fx"] = "all"
+            patches[f"bucket_{collective}_fx_bucket_size_determinator"] = determinator
+    return patches
 
 
 def _constant_bucket_cap(cap_mb: float, bucket_index: int) -> float:

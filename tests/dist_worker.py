@@ -248,6 +248,33 @@ def sharded_parity(optimizer: str, compiler: str, against_unsharded: bool) -> No
     assert count_collectives(graphs, "forward", "_c10d") == 0
 
 
+def sharded_bucketed_parity() -> None:
+    """Sharded, with Inductor's bucketing (25 MiB): fewer reduce-scatters and all-gathers
+    than parameters in the generated backward; parameters still match DDP's."""
+    rank = dist.get_rank()
+    subject = model_of_rank(rank)
+    reference = DistributedDataParallel(deepcopy(subject))
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, subject.parameters(), {"lr": 0.01})
+    compiled = torch.compile(subject, backend=fop.data_parallel(subject, shard_optimizer_state=True), fullgraph=True)
+    codes: list[str] = []
+    for step, x in enumerate(batches(rank)):
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        if step == 0:
+            codes = _torch_compat.run_and_get_code(lambda x=x: compiled(x).pow(2).mean().backward())
+        else:
+            compiled(x).pow(2).mean().backward()
+    for actual, expected in zip(subject.parameters(), reference.module.parameters()):
+        torch.testing.assert_close(actual, expected)
+    backward_code = codes[-1]
+    num_params = len(list(subject.parameters()))
+    for op in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        count = backward_code.count(f"_c10d_functional.{op}")
+        assert 1 <= count < num_params, f"{count} {op} in the backward"
+
+
 def write_results(results: dict[str, str]) -> None:
     Path(OUT_DIR, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
 
@@ -263,6 +290,7 @@ CASES: dict[str, Callable[[], None]] = {
     "sharded-sgd-aot_eager": lambda: sharded_parity("sgd", "aot_eager", against_unsharded=True),
     "sharded-adamw-aot_eager": lambda: sharded_parity("adamw", "aot_eager", against_unsharded=True),
     "sharded-adamw-inductor": lambda: sharded_parity("adamw", "inductor", against_unsharded=False),
+    "sharded-adamw-inductor-bucketed": sharded_bucketed_parity,
 }
 
 

@@ -40,6 +40,7 @@ WORKER_CASES = [
     "sharded-sgd-aot_eager",
     "sharded-adamw-aot_eager",
     "sharded-adamw-inductor",
+    "sharded-adamw-inductor-bucketed",
     "rank-dies",  # last: rank 1 leaves
 ]
 LAUNCH_TIMEOUT_S = 150  # generous for a loaded 2-core machine; one launch takes ~30 s here
@@ -100,6 +101,10 @@ def test_sharded_optimizer_state_matches_ddp_and_holds_one_shard_per_rank(two_ra
     aot_eager) on both ranks; each rank's state tensors have ceil(numel / 2) elements; one
     reduce-scatter and one all-gather per parameter in the backward, no all-reduce."""
     _check(two_ranks, case)
+
+
+def test_inductor_buckets_reduce_scatters_and_all_gathers_of_sharded_updates_and_parity_holds(two_ranks):
+    _check(two_ranks, "sharded-adamw-inductor-bucketed")
 
 
 def test_ranks_with_different_models_are_refused_before_any_change(two_ranks):
