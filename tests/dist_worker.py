@@ -214,6 +214,7 @@ def sharded_parity(optimizer: str, compiler: str, against_unsharded: bool) -> No
         subject,
         compiler=compiler,
         observer=lambda kind, gm: graphs.setdefault(kind, []).append(gm),
+        bucket_cap_mb=None,  # one reduce-scatter and all-gather per parameter (bucketed: its own case)
         shard_optimizer_state=True,
     )
     compiled = torch.compile(subject, backend=backend, fullgraph=True)

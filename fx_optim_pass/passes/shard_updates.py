@@ -8,14 +8,15 @@ Before (joint graph, AdamW on ``0.weight``, 2 ranks, this is rank 1)::
     mm_1 = aten.mm(permute_1, primals_3)                # gradient of 0.weight, shape (16, 6)
     adamw_update__0_weight = ...(primals_1, mm_1, ...)  # the whole parameter, state (16, 6)
 
-After::
+After (abridged; node names from the parameter, as printed)::
 
-    scatter__0_weight = aten.view(mm_1, [96])
+    mm_1 = aten.mm(permute_1, primals_3)
+    scatter__0_weight = aten.view(mm_1, [-1])
     scatter__0_weight_1 = _c10d_functional.reduce_scatter_tensor(scatter__0_weight, "avg", 2, "0")
-    scatter__0_weight_2 = _c10d_functional.wait_tensor(scatter__0_weight_1)    # averaged grad, (48,)
-    scatter__0_weight_3 = aten.view(primals_1, [96])
-    scatter__0_weight_4 = aten.slice(scatter__0_weight_3, 0, 48, 96)           # this rank's shard
-    adamw_update__0_weight = ...(scatter__0_weight_4, scatter__0_weight_2, ...) # state (48,)
+    scatter__0_weight_2 = _c10d_functional.wait_tensor(scatter__0_weight_1)   # averaged grad shard, (48,)
+    scatter__0_weight_3 = aten.view(primals_1, [-1])
+    scatter__0_weight_5 = aten.slice_copy(scatter__0_weight_4, 0, 48, 96)    # this rank's shard
+    adamw_update__0_weight = ...                                              # on (48,), state (48,)
     gather__0_weight = _c10d_functional.all_gather_into_tensor(adamw_update__0_weight_9, 2, "0")
     gather__0_weight_1 = _c10d_functional.wait_tensor(gather__0_weight)
     gather__0_weight_3 = aten.view(gather__0_weight_2, [16, 6])
