@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint graphs bench bench-quick clean
+.PHONY: demo test lint graphs bench bench-quick bench-dist clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,8 +32,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check fx_optim_pass tests benchmarks
 	$(VENV)/bin/mypy
 
+bench-dist: $(STAMP)
+	$(PYTHON) benchmarks/distributed.py --out bench_dist_out
+
 graphs: $(STAMP)
 	EXPECTTEST_ACCEPT=1 $(PYTHON) -m pytest -q tests/test_golden_graphs.py
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out bench_dist_out

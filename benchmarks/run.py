@@ -252,7 +252,7 @@ def bench_scale(tensor_counts: Sequence[int], device: torch.device, steps: int) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller transformer, one optimizer per model, fewer rounds, scale 50 only")
+    parser.add_argument("--quick", action="store_true", help="a subset, under 5 minutes")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--models", nargs="*", help="subset of: mlp gpt-finetune gpt-pretrain convnet")
@@ -261,9 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 5; quick 3)")
     parser.add_argument("--steps-per-round", type=int, help="timed steps per peer per round (default 5; quick 3)")
     parser.add_argument("--recompile-steps", type=int, help="steps with an LR scheduler (default 50; quick 20)")
-    parser.add_argument(
-        "--scale", type=int, nargs="*", help="parameter tensor counts (default 50 200 1000; quick 50)"
-    )
+    parser.add_argument("--scale", type=int, nargs="*", help="parameter tensor counts (default 50 200 1000; quick 50)")
     args = parser.parse_args(argv)
     # Per-parameter optimizers stepped in backward hooks look, to the scheduler, unstepped.
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")

@@ -9,11 +9,12 @@
 
 from fx_optim_pass.api import apply_optimizer_in_backward, attach, detach, get_in_backward_optimizers
 from fx_optim_pass.data_parallel import data_parallel
-from fx_optim_pass.distributed import DataParallelSetupError
+from fx_optim_pass.distributed import CollectiveError, DataParallelSetupError
 from fx_optim_pass.dynamo_backend import (
     DoubleBackwardError,
     OptimizerChangedError,
     PartialGradientError,
+    ShardedStateError,
     backend,
     make_backend,
 )
@@ -21,12 +22,14 @@ from fx_optim_pass.optim_lowering import UnsupportedOptimizerError
 from fx_optim_pass.report import InspectError, Report, inspect
 
 __all__ = [
+    "CollectiveError",
     "DataParallelSetupError",
     "DoubleBackwardError",
     "InspectError",
     "OptimizerChangedError",
     "PartialGradientError",
     "Report",
+    "ShardedStateError",
     "UnsupportedOptimizerError",
     "apply_optimizer_in_backward",
     "attach",

@@ -39,12 +39,16 @@ __all__ = [
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
     "process_group_name",
+    "process_group_timeout",
     "qualified_name_from_source",
+    "resolve_group_name",
     "run_and_get_code",
     "run_on_fake",
+    "shard_collective_ops",
     "structured_trace_enabled",
     "sync_module_states",
     "trace_functional",
+    "translate_backward_errors",
     "will_run_in_this_backward",
 ]
 
@@ -371,16 +375,20 @@ def compile_inductor(
 
 
 def _bucketing(cap_mb: float | None) -> dict[str, Any]:
-    """Inductor config for its post-grad all-reduce bucketing pass (torch 2.11+)."""
+    """Inductor config for its post-grad bucketing passes of all-reduces, and of the
+    reduce-scatters and all-gathers of sharded updates (torch 2.11+; each where it exists)."""
     from torch._inductor import config
 
-    if cap_mb is None or not hasattr(config, "bucket_all_reduces_fx"):
+    if cap_mb is None:
         return {}
     # A picklable determinator: it is part of Inductor's cache key.
-    return {
-        "bucket_all_reduces_fx": "all",
-        "bucket_all_reduces_fx_bucket_size_determinator": functools.partial(_constant_bucket_cap, cap_mb),
-    }
+    determinator = functools.partial(_constant_bucket_cap, cap_mb)
+    patches: dict[str, Any] = {}
+    for collective in ("all_reduces", "reduce_scatters", "all_gathers"):
+        if hasattr(config, f"bucket_{collective}_fx"):
+            patches[f"bucket_{collective}_fx"] = "all"
+            patches[f"bucket_{collective}_fx_bucket_size_determinator"] = determinator
+    return patches
 
 
 def _constant_bucket_cap(cap_mb: float, bucket_index: int) -> float:
@@ -426,6 +434,33 @@ def will_run_in_this_backward(node: Any) -> bool:
     return bool(torch._C._will_engine_execute_node(node))
 
 
+def translate_backward_errors(node: Any, translate: Callable[[Exception], Exception | None]) -> None:
+    """Make the ``torch.autograd.Function`` behind backward node ``node`` (AOTAutograd's
+    ``CompiledFunction``, one class per compiled graph) raise ``translate(error)``, chained
+    to ``error``, where its backward raises ``error``; ``None`` re-raises ``error``.
+
+    The autograd engine looks ``backward`` up on the Function class at every call, so this
+    covers every later backward of that graph, however it was compiled or cached. Done once
+    per class.
+    """
+    function_class = getattr(type(node), "_forward_cls", None)
+    if function_class is None or "_fx_optim_pass_translate" in function_class.__dict__:
+        return
+    backward = function_class.backward
+
+    def translated_backward(ctx: Any, *grad_outputs: Any) -> Any:
+        try:
+            return backward(ctx, *grad_outputs)
+        except Exception as error:
+            replacement = translate(error)
+            if replacement is None:
+                raise
+            raise replacement from error
+
+    function_class._fx_optim_pass_translate = translate
+    function_class.backward = staticmethod(translated_backward)
+
+
 def accumulate_grad_node(param: torch.Tensor) -> Any:
     """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on).
 
@@ -459,11 +494,42 @@ def all_reduce_ops() -> tuple[Any, Any]:
     return ops.all_reduce.default, ops.wait_tensor.default
 
 
+def shard_collective_ops() -> tuple[Any, Any, Any]:
+    """PyTorch's functional collectives ``(reduce_scatter_tensor, all_gather_into_tensor, wait_tensor)``.
+
+    ``reduce_scatter_tensor(t, reduce_op, group_size, group_name)`` returns this rank's
+    ``1/group_size`` of the reduced ``t`` (split along dim 0);
+    ``all_gather_into_tensor(t, group_size, group_name)`` concatenates every rank's ``t``
+    along dim 0. Both are ready after ``wait_tensor``; Inductor lowers both.
+    """
+    import torch.distributed._functional_collectives  # registers the ops and their fake impls
+
+    ops = torch.ops._c10d_functional
+    return ops.reduce_scatter_tensor.default, ops.all_gather_into_tensor.default, ops.wait_tensor.default
+
+
 def process_group_name(group: Any) -> str:
     """The name under which functional collectives find ``group`` (a ``ProcessGroup``)."""
     from torch.distributed._functional_collectives import _resolve_group_name
 
     return str(_resolve_group_name(group))
+
+
+def resolve_group_name(group_name: str) -> Any:
+    """The ``ProcessGroup`` that functional collectives know as ``group_name``."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)  # type: ignore[arg-type]  # GroupName is a str NewType
+
+
+def process_group_timeout(group: Any) -> Any:
+    """The timeout (a ``timedelta``) of ``group``'s backend, or ``None`` where torch does not say."""
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    return None
 
 
 def run_on_fake(fn: Callable[..., Any], *fake_args: Any) -> Any:

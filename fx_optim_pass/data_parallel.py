@@ -11,6 +11,7 @@ from fx_optim_pass.distributed import (
     broadcast_from_first_rank,
     check_not_in_ddp,
     check_same_parameters,
+    check_shardable_optimizers,
     resolve_process_group,
 )
 from fx_optim_pass.dynamo_backend import DEFAULT_BUCKET_CAP_MB, Compiler, GraphObserver, make_backend
@@ -25,6 +26,7 @@ def data_parallel(
     compiler: Compiler = "inductor",
     observer: GraphObserver | None = None,
     bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
+    shard_optimizer_state: bool = False,
 ) -> Callable[..., Any]:
     """Set ``model`` up for data-parallel training and return the backend to compile it with.
 
@@ -39,6 +41,14 @@ def data_parallel(
     in buckets of up to ``bucket_cap_mb`` MiB (Inductor's own bucketing pass; ``None``:
     one collective per gradient); a bucket's updates wait for its last gradient.
 
+    With ``shard_optimizer_state=True`` each rank keeps optimizer state only for its
+    ``1/world_size`` shard of each parameter that has an in-backward optimizer (ZeRO-2
+    style, inside the compiled backward): the flattened gradient is reduce-scattered, this
+    rank's optimizers update its shard, and the shards are all-gathered into the parameter.
+    Parameters stay whole and equal on every rank; ``optimizer.state[p]`` (and so
+    ``state_dict()``) holds this rank's flat shard of each state tensor, so save and load
+    it per rank. Only elementwise ``torch.optim`` optimizers (SGD, Adam, AdamW, ...) can.
+
     Example (``torchrun --nproc-per-node 2 train.py``)::
 
         import torch, torch.distributed as dist, fx_optim_pass as fop
@@ -50,8 +60,16 @@ def data_parallel(
         compiled(torch.randn(3, 4)).sum().backward()   # averaged over ranks, then AdamW
     """
     group = resolve_process_group(process_group)
-    backend = make_backend(compiler=compiler, observer=observer, process_group=group, bucket_cap_mb=bucket_cap_mb)
+    backend = make_backend(
+        compiler=compiler,
+        observer=observer,
+        process_group=group,
+        bucket_cap_mb=bucket_cap_mb,
+        shard_optimizer_state=shard_optimizer_state,
+    )
     check_not_in_ddp(model)
     check_same_parameters(model, group)
+    if shard_optimizer_state:
+        check_shardable_optimizers(model)
     broadcast_from_first_rank(model, group)
     return backend

@@ -6,6 +6,7 @@ every rank raises the same error, so no rank is left waiting in a later collecti
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -14,10 +15,13 @@ from fx_optim_pass import _torch_compat
 from fx_optim_pass.plan import DataParallelSpec
 
 __all__ = [
+    "CollectiveError",
     "DataParallelSetupError",
     "broadcast_from_first_rank",
     "check_not_in_ddp",
     "check_same_parameters",
+    "check_shardable_optimizers",
+    "collective_error",
     "data_parallel_spec",
     "resolve_process_group",
 ]
@@ -25,6 +29,53 @@ __all__ = [
 
 class DataParallelSetupError(RuntimeError):
     """Data-parallel training cannot start as set up; nothing has been changed."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective in the compiled backward failed: another rank died or stalled, or the
+    network failed. Names the process group, this rank and, where the backend says, the peer."""
+
+
+# Text in the errors torch's backends raise for a failed collective (gloo, NCCL, c10d).
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|c10d|connection|peer|timed out|timeout|socket|broken pipe", re.I)
+_PEER_RANK = re.compile(r"\b(?:peer |remote )?rank\s*\[?(\d+)\]?", re.I)
+_SOURCE_LOCATION = re.compile(r"^\[[^\]]*:\d+\]\s*")  # "[.../gloo/transport/tcp/pair.cc:553] "
+
+
+def collective_error(error: Exception, spec: DataParallelSpec) -> CollectiveError | None:
+    """``error``, raised in a compiled backward that runs collectives over ``spec``'s group, as a
+    ``CollectiveError`` naming the group and this rank; ``None`` if it is no collective failure."""
+    import torch.distributed as dist
+
+    if isinstance(error, CollectiveError):
+        return None
+    distributed_error = isinstance(error, getattr(dist, "DistError", ()))
+    message = str(error)
+    if not (distributed_error or (isinstance(error, RuntimeError) and _COLLECTIVE_FAILURE.search(message))):
+        return None
+    lines = message.strip().splitlines() or [type(error).__name__]
+    first_sentence = _SOURCE_LOCATION.sub("", lines[0]).split(". ")[0].rstrip(".")
+    rank_match = _PEER_RANK.search(message)
+    peer = ""
+    if rank_match and int(rank_match.group(1)) != spec.rank:
+        peer = f" The backend names rank {rank_match.group(1)} as the peer."
+    group = _torch_compat_group(spec.group_name)
+    timeout = _torch_compat.process_group_timeout(group) if group is not None else None
+    global_rank = dist.get_rank() if dist.is_initialized() else spec.rank
+    return CollectiveError(
+        f"a collective in the compiled backward failed on rank {spec.rank} of process group {spec.group_name!r} "
+        f"({spec.world_size} ranks; global rank {global_rank}): {first_sentence}.{peer} Another rank of the group has "
+        "probably died or stalled: check its log. Each collective waits at most the process group's timeout "
+        f"({timeout if timeout is not None else 'unknown'}; set it with init_process_group(timeout=...)). "
+        "Parameters updated before the failure stay updated: restart all ranks from a checkpoint."
+    )
+
+
+def _torch_compat_group(group_name: str) -> Any:
+    try:
+        return _torch_compat.resolve_group_name(group_name)
+    except (KeyError, RuntimeError, ValueError):
+        return None
 
 
 def resolve_process_group(process_group: Any) -> Any:
@@ -46,14 +97,22 @@ def resolve_process_group(process_group: Any) -> Any:
     return group
 
 
-def data_parallel_spec(process_group: Any, bucket_cap_mb: float | None = None) -> DataParallelSpec:
-    """The name and size of ``process_group``, as the compiled graph's collectives use them."""
+def data_parallel_spec(
+    process_group: Any, bucket_cap_mb: float | None = None, shard_optimizer_state: bool = False
+) -> DataParallelSpec:
+    """The name and size of ``process_group`` and this rank in it, as the compiled graph's collectives use them."""
     import torch.distributed as dist
 
     if bucket_cap_mb is not None and not bucket_cap_mb > 0:
         raise ValueError(f"bucket_cap_mb must be a positive number of MiB or None, got {bucket_cap_mb!r}")
     group = resolve_process_group(process_group)
-    return DataParallelSpec(_torch_compat.process_group_name(group), dist.get_world_size(group), bucket_cap_mb)
+    return DataParallelSpec(
+        _torch_compat.process_group_name(group),
+        dist.get_world_size(group),
+        bucket_cap_mb,
+        shard_optimizer_state=bool(shard_optimizer_state),
+        rank=dist.get_rank(group),
+    )
 
 
 def check_not_in_ddp(module: torch.nn.Module) -> None:
@@ -95,6 +154,18 @@ def check_same_parameters(module: torch.nn.Module, process_group: Any) -> None:
                     f"{_show(theirs.get(name))} on rank {rank} (ranks in process_group). Build the same model "
                     "on every rank before fx_optim_pass.data_parallel."
                 )
+
+
+def check_shardable_optimizers(module: torch.nn.Module) -> None:
+    """Refuse, for ``shard_optimizer_state=True``, in-backward optimizers whose update needs the whole parameter."""
+    from fx_optim_pass.optim_lowering import UnsupportedOptimizerError, check_shardable
+
+    for name, param in module.named_parameters():
+        for optimizer in getattr(param, "_in_backward_optimizers", ()):
+            try:
+                check_shardable(type(optimizer), name)
+            except UnsupportedOptimizerError as error:
+                raise DataParallelSetupError(str(error)) from None
 
 
 def _show(entry: tuple[tuple[int, ...], str] | None) -> str:

@@ -23,9 +23,10 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.api import updates_in_backward
-from fx_optim_pass.distributed import data_parallel_spec
+from fx_optim_pass.distributed import collective_error, data_parallel_spec
 from fx_optim_pass.optim_lowering import (
     OptimizerStep,
+    check_shardable,
     compiled_setup,
     describe_step,
     hyperparameter_tensor,
@@ -34,7 +35,14 @@ from fx_optim_pass.optim_lowering import (
 )
 from fx_optim_pass.passes import all_reduce_gradients, insert_optimizer_updates
 from fx_optim_pass.placement import find_placements, placement_log, placement_table
-from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, ParamUpdate, UpdatePlan, node_safe_name
+from fx_optim_pass.plan import (
+    DataParallelSpec,
+    GradientAllReduce,
+    GradientShard,
+    ParamUpdate,
+    UpdatePlan,
+    node_safe_name,
+)
 from fx_optim_pass.testing import normalize_graph
 
 __all__ = [
@@ -42,6 +50,7 @@ __all__ = [
     "GraphObserver",
     "OptimizerChangedError",
     "PartialGradientError",
+    "ShardedStateError",
     "backend",
     "make_backend",
 ]
@@ -63,6 +72,7 @@ def make_backend(
     observer: GraphObserver | None = None,
     process_group: Any = None,
     bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
+    shard_optimizer_state: bool = False,
 ) -> Callable[..., Any]:
     """A torch.compile backend that runs in-backward optimizers inside the compiled backward.
 
@@ -75,7 +85,12 @@ def make_backend(
     data-parallel training (``fx_optim_pass.data_parallel`` also checks the ranks' models
     and broadcasts rank 0's parameters). With Inductor, small all-reduces are merged by
     Inductor's own bucketing pass into buckets of up to ``bucket_cap_mb`` MiB (``None``:
-    one collective per gradient).
+    one collective per gradient). With ``shard_optimizer_state=True`` (needs a
+    ``process_group``), each rank keeps optimizer state only for its shard of each
+    parameter with an in-backward optimizer: the gradient is reduce-scattered, this rank
+    updates its shard, and the updated shards are all-gathered into the parameter, all
+    inside the compiled backward (ZeRO-2 style); ``optimizer.state[p]`` then holds this
+    rank's flat shard of each state tensor.
 
     Example::
 
@@ -89,7 +104,12 @@ def make_backend(
     """
     if compiler not in ("inductor", "aot_eager"):
         raise ValueError(f"make_backend: compiler must be 'inductor' or 'aot_eager', got {compiler!r}")
-    group = None if process_group is None else data_parallel_spec(process_group, bucket_cap_mb)
+    if shard_optimizer_state and process_group is None:
+        raise ValueError(
+            "make_backend: shard_optimizer_state=True shards optimizer state over the ranks of a process group; "
+            "pass process_group= as well (or use fx_optim_pass.data_parallel(model, shard_optimizer_state=True))."
+        )
+    group = None if process_group is None else data_parallel_spec(process_group, bucket_cap_mb, shard_optimizer_state)
 
     def fx_optim_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         return _compile(gm, example_inputs, compiler, observer or _ignore, group)
@@ -160,6 +180,8 @@ def _compile_variant(
         )
     else:
         compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)
+    if plan.all_reduce is not None:
+        compiled = _name_rank_on_collective_failure(compiled, plan.all_reduce.group)
     if not plan.params:
         return compiled
 
@@ -181,6 +203,20 @@ def _compile_variant(
         return outputs
 
     return run_with_optimizer_inputs
+
+
+def _name_rank_on_collective_failure(compiled: Callable[..., Any], spec: DataParallelSpec) -> Callable[..., Any]:
+    """``compiled``, whose backward raises ``CollectiveError`` (group, this rank, the peer where
+    known) in place of the backend's bare error when one of its collectives fails."""
+
+    def run_naming_rank_on_failure(*args: Any) -> Any:
+        outputs = compiled(*args)
+        node = _compiled_backward_node(outputs)
+        if node is not None:
+            _torch_compat.translate_backward_errors(node, lambda error: collective_error(error, spec))
+        return outputs
+
+    return run_naming_rank_on_failure
 
 
 class DoubleBackwardError(RuntimeError):
@@ -348,16 +384,22 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
         source = _torch_compat.parameter_source_name(node)
         name = _torch_compat.qualified_name_from_source(source) if source else node.name
         in_backward = updates_in_backward(value)
-        if group is not None and (in_backward or isinstance(value, torch.nn.Parameter)):
+        shard = None
+        if group is not None and group.shard_optimizer_state and in_backward:
+            shard = GradientShard(group, value.numel())  # reduce-scattered instead of all-reduced
+            for opt in value._in_backward_optimizers:  # type: ignore[attr-defined]
+                check_shardable(type(opt), name or node.name)
+        elif group is not None and (in_backward or isinstance(value, torch.nn.Parameter)):
             averaged.append((index, name or node.name))
         if not in_backward:
             continue
-        steps = tuple(describe_step(opt, value, name) for opt in value._in_backward_optimizers)  # type: ignore[attr-defined]
+        shard_numel = None if shard is None else shard.shard_numel
+        steps = tuple(describe_step(opt, value, name, shard_numel) for opt in value._in_backward_optimizers)  # type: ignore[attr-defined]
         step_inputs = []
         for step in steps:
             step_inputs.append(tuple(range(next_input, next_input + step.num_inputs)))
             next_input += step.num_inputs
-        params.append(ParamUpdate(index, name or node.name, steps, tuple(step_inputs)))
+        params.append(ParamUpdate(index, name or node.name, steps, tuple(step_inputs), shard))
     all_reduce = None if group is None else GradientAllReduce(group, tuple(averaged))
     return UpdatePlan(tuple(params), len(example_inputs), all_reduce)
 
@@ -420,15 +462,23 @@ class RuntimeInputs:
             param = args[param_update.input_index]
             optimizers = param._in_backward_optimizers
             for step, optimizer in zip(param_update.steps, optimizers):
-                inputs.extend(self._step_inputs(step, optimizer, param, for_compile))
+                inputs.extend(self._step_inputs(step, optimizer, param, for_compile, param_update))
         return inputs
 
     def _step_inputs(
-        self, step: OptimizerStep, optimizer: torch.optim.Optimizer, param: torch.Tensor, for_compile: bool
+        self,
+        step: OptimizerStep,
+        optimizer: torch.optim.Optimizer,
+        param: torch.Tensor,
+        for_compile: bool,
+        param_update: ParamUpdate,
     ) -> list[torch.Tensor]:
         state = optimizer.state[param]
+        shard = param_update.shard
         if any(key not in state for key in step.state_keys):  # a fresh optimizer or model instance
-            initialize_state(optimizer, param)
+            initialize_state(optimizer, param, None if shard is None else shard.shard_numel)
+        if shard is not None:
+            _check_sharded_state(optimizer, state, param_update.name, shard)
         group = param_group(optimizer, param)
         inputs = [
             self._lr(step, optimizer, group, param),
@@ -487,6 +537,26 @@ class RuntimeInputs:
             cached = (value, make(value))
             per_group[(id(group), name)] = cached
         return cached[1]
+
+
+class ShardedStateError(RuntimeError):
+    """Optimizer state that does not have this rank's shard shape, with ``shard_optimizer_state=True``."""
+
+
+def _check_sharded_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], name: str, shard: GradientShard
+) -> None:
+    """Refuse state of another shape (say, a full-parameter state_dict loaded into a sharded run)
+    before the graph runs: it would broadcast, or fail inside the compiled backward."""
+    expected = (shard.shard_numel,)
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != expected:
+            raise ShardedStateError(
+                f"{type(optimizer).__name__} state {key!r} of parameter {name!r} has shape {tuple(value.shape)}, "
+                f"but with shard_optimizer_state=True each rank keeps only its shard: a flat tensor of "
+                f"{shard.shard_numel} elements (rank {shard.group.rank} of {shard.group.world_size}). Load into each "
+                "rank the optimizer state_dict() that rank saved, or train without shard_optimizer_state."
+            )
 
 
 def _describe(steps: Sequence[tuple[type, Any]]) -> str:

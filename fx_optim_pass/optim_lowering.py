@@ -27,6 +27,7 @@ __all__ = [
     "Hyperparameter",
     "OptimizerStep",
     "UnsupportedOptimizerError",
+    "check_shardable",
     "check_supported_optimizer",
     "compiled_setup",
     "describe_step",
@@ -128,6 +129,26 @@ def check_supported_optimizer(optimizer_class: type, optimizer_kwargs: dict[str,
         )
 
 
+# torch.optim optimizers whose update treats every element of a parameter alike, so that
+# updating each shard of the flattened parameter gives the unsharded result. Not here:
+# Adafactor (factors matrices), Muon (orthogonalizes them), LBFGS, SparseAdam.
+_ELEMENTWISE = frozenset(
+    {"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "Adagrad", "Adadelta", "RMSprop"}
+)
+
+
+def check_shardable(optimizer_class: type, param_name: str) -> None:
+    """Refuse, before any parameter changes, an optimizer whose update needs the whole parameter."""
+    if optimizer_class.__name__ in _ELEMENTWISE and optimizer_class.__module__.startswith("torch.optim"):
+        return
+    raise UnsupportedOptimizerError(
+        f"shard_optimizer_state=True: {optimizer_class.__qualname__} on parameter {param_name!r} cannot run on a "
+        "shard of the parameter: only torch.optim's elementwise optimizers can "
+        f"({', '.join(sorted(_ELEMENTWISE))}), whose update of each element reads only that element. "
+        "Use one of them, or data parallelism without shard_optimizer_state."
+    )
+
+
 def _run_step(
     shadow: torch.optim.Optimizer,
     param: torch.Tensor,
@@ -191,27 +212,34 @@ class _StopAfterInit(Exception):
     pass
 
 
-def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, shard_numel: int | None = None) -> None:
     """Create ``optimizer.state[param]`` exactly as torch's first ``step()`` would.
 
     Runs the optimizer's own ``step()`` up to the end of its ``_init_group`` (the
     method where every torch.optim optimizer creates its state) and stops there,
     so keys, dtypes, devices and initial values are torch's. State that torch
     creates later, inside the update itself (SGD's ``momentum_buffer``), is
-    created by the traced update instead.
+    created by the traced update instead. With ``shard_numel`` the state is made
+    for a flat shard of that many elements (torch's code run on a stand-in of that
+    shape) and stored under ``param``: sharded optimizer state.
     """
     if optimizer.state.get(param) or not hasattr(optimizer, "_init_group"):
         return
+    group = param_group(optimizer, param)
+    target = param
+    if shard_numel is not None:
+        target = param.detach().new_zeros(shard_numel)
+        group = {**group, "params": [target]}
     init_group = optimizer._init_group
 
     def init_then_stop(*args: Any, **kwargs: Any) -> Any:
         init_group(*args, **kwargs)
         raise _StopAfterInit
 
-    saved_grad, saved_groups = param.grad, optimizer.param_groups
-    param.grad = torch.zeros_like(param)
+    saved_grad, saved_groups = target.grad, optimizer.param_groups
+    target.grad = torch.zeros_like(target)
     optimizer._init_group = init_then_stop  # type: ignore[method-assign]
-    optimizer.param_groups = [param_group(optimizer, param)]  # the first _init_group is this one
+    optimizer.param_groups = [group]  # the first _init_group is this one
     try:
         with torch.no_grad():
             _class_step(optimizer)
@@ -220,16 +248,19 @@ def initialize_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> N
     except KeyError:
         # Versions whose optimizer creates state in __init__, not in _init_group
         # (Adagrad before torch 2.12): let a fresh instance's __init__ create it.
-        optimizer.state[param] = _state_from_constructor(optimizer, param)
+        optimizer.state[target] = _state_from_constructor(optimizer, target, group)
     finally:
         del optimizer._init_group
         optimizer.param_groups = saved_groups
-        param.grad = saved_grad
+        target.grad = saved_grad
+    if target is not param:  # into the dict callers may hold (optimizer.state is a defaultdict)
+        optimizer.state[param].update(optimizer.state.pop(target, {}))
 
 
-def _state_from_constructor(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
+def _state_from_constructor(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict[str, Any]
+) -> dict[str, Any]:
     accepted = inspect.signature(type(optimizer).__init__).parameters
-    group = param_group(optimizer, param)
     kwargs = {k: v for k, v in group.items() if k in accepted and k != "params"}
     with torch.no_grad():
         fresh = type(optimizer)([param], **kwargs)
@@ -407,16 +438,24 @@ class OptimizerStep:
         return update
 
 
-def describe_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str) -> OptimizerStep:
+def describe_step(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str, shard_numel: int | None = None
+) -> OptimizerStep:
     """Work out, on fake tensors, which state the update reads and creates, and check it traces.
 
     Raises a clear error naming the optimizer and parameter when torch's step
-    cannot be traced into a tensor-only graph; nothing real is touched.
+    cannot be traced into a tensor-only graph; nothing real is touched. With
+    ``shard_numel`` the update is described for a flat shard of that many elements.
     """
     name = type(optimizer).__name__
     # A shape environment turns .item() into a run-time symbol instead of an error.
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    fake_param = fake_mode.from_tensor(param.detach(), static_shapes=True)
+    fake_param: torch.Tensor
+    if shard_numel is None:
+        fake_param = fake_mode.from_tensor(param.detach(), static_shapes=True)
+    else:
+        with fake_mode:
+            fake_param = torch.empty(shard_numel, dtype=param.dtype, device=param.device)
     init_shadow = _shadow_optimizer(optimizer, param, _TRACE_FLAG_CHOICES[0])
     init_shadow.param_groups[0]["params"] = [fake_param]
     runtime = runtime_hyperparameters(param_group(optimizer, param))

@@ -14,7 +14,7 @@ import torch
 
 from fx_optim_pass.optim_lowering import OptimizerStep
 
-__all__ = ["DataParallelSpec", "GradientAllReduce", "ParamUpdate", "UpdatePlan", "node_safe_name"]
+__all__ = ["DataParallelSpec", "GradientAllReduce", "GradientShard", "ParamUpdate", "UpdatePlan", "node_safe_name"]
 
 
 def node_safe_name(qualified_name: str) -> str:
@@ -23,28 +23,61 @@ def node_safe_name(qualified_name: str) -> str:
 
 
 @dataclass(frozen=True)
+class DataParallelSpec:
+    """Data-parallel settings: the process group (as functional collectives name it), its size,
+    the bucket size Inductor merges small all-reduces up to (``None``: one per gradient), and
+    whether each rank keeps optimizer state only for its shard of each parameter (then
+    ``rank``, this process's rank in the group, picks the shard)."""
+
+    group_name: str
+    world_size: int
+    bucket_cap_mb: float | None = None
+    shard_optimizer_state: bool = False
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class GradientShard:
+    """A parameter whose update runs on this rank's shard only (ZeRO-2 style, in the backward).
+
+    Its flattened gradient, zero-padded to ``world_size * shard_numel`` elements, is
+    reduce-scattered (averaged) over ``group``; the optimizers update elements
+    ``[rank * shard_numel, (rank + 1) * shard_numel)`` of the flattened parameter, with
+    state of that shard's shape; the updated shards are all-gathered into the parameter.
+    """
+
+    group: DataParallelSpec
+    numel: int
+
+    @property
+    def shard_numel(self) -> int:
+        return -(-self.numel // self.group.world_size)
+
+    @property
+    def padding(self) -> int:
+        return self.shard_numel * self.group.world_size - self.numel
+
+    @property
+    def start(self) -> int:
+        """Where this rank's shard begins in the flattened parameter."""
+        return self.group.rank * self.shard_numel
+
+
+@dataclass(frozen=True)
 class ParamUpdate:
     """One parameter, updated in the backward by its optimizers in registration order.
 
     ``input_index`` is its position among the compiled function's inputs;
     ``step_inputs[k]`` are the input positions of optimizer ``k``'s ``lr`` and
-    state tensors (see ``OptimizerStep``).
+    state tensors (see ``OptimizerStep``). With ``shard``, the optimizers update only
+    this rank's shard of the parameter, and their state tensors have the shard's shape.
     """
 
     input_index: int
     name: str
     steps: tuple[OptimizerStep, ...]
     step_inputs: tuple[tuple[int, ...], ...]
-
-
-@dataclass(frozen=True)
-class DataParallelSpec:
-    """Data-parallel settings: the process group (as functional collectives name it), its size,
-    and the bucket size Inductor merges small all-reduces up to (``None``: one per gradient)."""
-
-    group_name: str
-    world_size: int
-    bucket_cap_mb: float | None = None
+    shard: GradientShard | None = None
 
 
 @dataclass(frozen=True)
@@ -71,11 +104,11 @@ class UpdatePlan:
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph, for Inductor's and AOTAutograd's caches:
         this package's own source, torch's version, the optimizers' code and settings, the plan,
-        and the process group gradients are averaged over (a graph compiled for one group
-        must never run collectives on another)."""
+        the process group gradients are averaged over (a graph compiled for one group
+        must never run collectives on another) and, sharded, this rank (it picks the shard)."""
         parts = [_package_source_hash(), torch.__version__, str(self.num_user_inputs), repr(self.all_reduce)]
         for p in self.params:
-            parts.append(f"{p.input_index}:{p.name}:{p.step_inputs}")
+            parts.append(f"{p.input_index}:{p.name}:{p.step_inputs}:{p.shard}")
             for s in p.steps:
                 parts.append(
                     f"{_class_key(s.optimizer_class)}:{s.setup}:{s.hyperparameters}:{s.state_keys}:{s.created}"

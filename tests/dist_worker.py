@@ -46,12 +46,12 @@ def batches(rank: int) -> list[torch.Tensor]:
     return [torch.randn(5, 6) for _ in range(STEPS)]
 
 
-def count_collectives(graphs: dict[str, list[torch.fx.GraphModule]], kind: str) -> int:
+def count_collectives(graphs: dict[str, list[torch.fx.GraphModule]], kind: str, op: str = "all_reduce") -> int:
     return sum(
         1
         for gm in graphs.get(kind, [])
         for node in gm.graph.nodes
-        if node.op == "call_function" and "all_reduce" in str(node.target)
+        if node.op == "call_function" and op in str(node.target)
     )
 
 
@@ -175,11 +175,105 @@ def surviving_rank_fails_fast(results: dict[str, str]) -> None:
     start = time.monotonic()
     try:
         compiled(torch.randn(5, 6)).sum().backward()
-    except RuntimeError:
+    except fop.CollectiveError as error:
         elapsed = time.monotonic() - start
         assert elapsed < 20, f"the collective failed only after {elapsed:.0f} s"
+        message = str(error)
+        assert "failed on rank 0 of process group" in message and "(2 ranks; global rank 0)" in message, message
+        assert "timeout (0:00:30;" in message, message  # init_process_group(timeout=30 s) below
+        assert error.__cause__ is not None, "the backend's own error is not chained"
+        print(f"rank 0 got: {message}", file=sys.stderr)
     else:
         raise AssertionError("a backward whose peer is gone completed")
+
+
+def state_numels(optimizers: list[torch.optim.Optimizer], params: list[torch.nn.Parameter]) -> list[int]:
+    """The element counts of every non-scalar state tensor of ``params`` (``step`` is a scalar)."""
+    return [
+        v.numel()
+        for opt in optimizers
+        for p in params
+        for v in opt.state[p].values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    ]
+
+
+def sharded_parity(optimizer: str, compiler: str, against_unsharded: bool) -> None:
+    """shard_optimizer_state=True: 5 steps give DDP + eager torch.optim's parameters on every
+    rank (and, with ``against_unsharded``, the unsharded data_parallel run's), while each rank
+    holds 1/world_size of the optimizer state; one reduce-scatter and one all-gather per
+    parameter in the backward, no all-reduce."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    optimizer_class, kwargs = OPTIMIZERS[optimizer]
+    subject = model_of_rank(rank)
+    reference = DistributedDataParallel(deepcopy(subject))
+    reference_opt = optimizer_class(reference.parameters(), **kwargs)
+    fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
+    graphs: dict[str, list[torch.fx.GraphModule]] = {}
+    backend = fop.data_parallel(
+        subject,
+        compiler=compiler,
+        observer=lambda kind, gm: graphs.setdefault(kind, []).append(gm),
+        bucket_cap_mb=None,  # one reduce-scatter and all-gather per parameter (bucketed: its own case)
+        shard_optimizer_state=True,
+    )
+    compiled = torch.compile(subject, backend=backend, fullgraph=True)
+    models = [compiled]
+    unsharded: nn.Module | None = None
+    if against_unsharded:
+        unsharded = deepcopy(subject)
+        fop.apply_optimizer_in_backward(optimizer_class, unsharded.parameters(), kwargs)
+        unsharded_backend = fop.data_parallel(unsharded, compiler=compiler, bucket_cap_mb=None)
+        models.append(torch.compile(unsharded, backend=unsharded_backend, fullgraph=True))
+    for x in batches(rank):
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        for model in models:
+            model(x).pow(2).mean().backward()
+        assert all(p.grad is None for p in subject.parameters()), "a gradient was materialized"
+    expected_models = [reference.module] + ([unsharded] if unsharded is not None else [])
+    for expected_model in expected_models:
+        for (name, actual), expected in zip(subject.named_parameters(), expected_model.parameters()):
+            torch.testing.assert_close(actual, expected, msg=lambda m, name=name: f"{name} on rank {rank}: {m}")
+
+    params = list(subject.parameters())
+    sharded = state_numels(fop.get_in_backward_optimizers(subject), params)
+    full = state_numels([reference_opt], list(reference.module.parameters()))
+    per_tensor = [-(-n // world) for n in full]  # this rank's shard, the flattened size padded to a multiple
+    assert sharded == per_tensor, f"state element counts {sharded}, expected {per_tensor}"
+    assert sum(sharded) * world - sum(full) <= world * len(full), (sum(sharded), sum(full))  # padding only
+    assert count_collectives(graphs, "backward", "reduce_scatter") == len(params)
+    assert count_collectives(graphs, "backward", "all_gather") == len(params)
+    assert count_collectives(graphs, "backward") == 0
+    assert count_collectives(graphs, "forward", "_c10d") == 0
+
+
+def sharded_bucketed_parity() -> None:
+    """Sharded, with Inductor's bucketing (25 MiB): fewer reduce-scatters and all-gathers
+    than parameters in the generated backward; parameters still match DDP's."""
+    rank = dist.get_rank()
+    subject = model_of_rank(rank)
+    reference = DistributedDataParallel(deepcopy(subject))
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, subject.parameters(), {"lr": 0.01})
+    compiled = torch.compile(subject, backend=fop.data_parallel(subject, shard_optimizer_state=True), fullgraph=True)
+    codes: list[str] = []
+    for step, x in enumerate(batches(rank)):
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        if step == 0:
+            codes = _torch_compat.run_and_get_code(lambda x=x: compiled(x).pow(2).mean().backward())
+        else:
+            compiled(x).pow(2).mean().backward()
+    for actual, expected in zip(subject.parameters(), reference.module.parameters()):
+        torch.testing.assert_close(actual, expected)
+    backward_code = codes[-1]
+    num_params = len(list(subject.parameters()))
+    for op in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        count = backward_code.count(f"_c10d_functional.{op}")
+        assert 1 <= count < num_params, f"{count} {op} in the backward"
 
 
 def write_results(results: dict[str, str]) -> None:
@@ -194,6 +288,10 @@ CASES: dict[str, Callable[[], None]] = {
     "eager-optimizer": eager_optimizer_gets_averaged_grad,
     "different-models": different_models_refused,
     "ddp-wrapped": ddp_wrapped_refused,
+    "sharded-sgd-aot_eager": lambda: sharded_parity("sgd", "aot_eager", against_unsharded=True),
+    "sharded-adamw-aot_eager": lambda: sharded_parity("adamw", "aot_eager", against_unsharded=True),
+    "sharded-adamw-inductor": lambda: sharded_parity("adamw", "inductor", against_unsharded=False),
+    "sharded-adamw-inductor-bucketed": sharded_bucketed_parity,
 }
 
 

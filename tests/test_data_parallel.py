@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fx_optim_pass as fop
+from fx_optim_pass.distributed import collective_error
 from fx_optim_pass.passes.all_reduce_grads import ALL_REDUCE_META_KEY
 from fx_optim_pass.passes.insert_updates import PASS_META_KEY
 from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, UpdatePlan
@@ -36,6 +37,10 @@ WORKER_CASES = [
     "eager-optimizer",
     "different-models",
     "ddp-wrapped",
+    "sharded-sgd-aot_eager",
+    "sharded-adamw-aot_eager",
+    "sharded-adamw-inductor",
+    "sharded-adamw-inductor-bucketed",
     "rank-dies",  # last: rank 1 leaves
 ]
 LAUNCH_TIMEOUT_S = 150  # generous for a loaded 2-core machine; one launch takes ~30 s here
@@ -90,6 +95,18 @@ def test_parameters_without_in_backward_optimizer_get_averaged_grad(two_ranks):
     _check(two_ranks, "eager-optimizer")
 
 
+@pytest.mark.parametrize("case", ["sharded-sgd-aot_eager", "sharded-adamw-aot_eager", "sharded-adamw-inductor"])
+def test_sharded_optimizer_state_matches_ddp_and_holds_one_shard_per_rank(two_ranks, case):
+    """shard_optimizer_state=True: 5 steps equal DDP + eager torch.optim (and the unsharded run,
+    aot_eager) on both ranks; each rank's state tensors have ceil(numel / 2) elements; one
+    reduce-scatter and one all-gather per parameter in the backward, no all-reduce."""
+    _check(two_ranks, case)
+
+
+def test_inductor_buckets_reduce_scatters_and_all_gathers_of_sharded_updates_and_parity_holds(two_ranks):
+    _check(two_ranks, "sharded-adamw-inductor-bucketed")
+
+
 def test_ranks_with_different_models_are_refused_before_any_change(two_ranks):
     _check(two_ranks, "different-models")
 
@@ -99,6 +116,8 @@ def test_model_wrapped_in_ddp_is_refused(two_ranks):
 
 
 def test_a_rank_that_dies_mid_training_does_not_hang_the_others(two_ranks):
+    """Rank 0's next backward fails within seconds with a CollectiveError naming the group,
+    rank 0 and the process group's timeout, chained to gloo's error."""
     _check(two_ranks, "rank-dies")
 
 
@@ -159,3 +178,76 @@ def test_each_gradient_is_all_reduced_right_before_its_update_in_the_backward(on
     reference(x).pow(2).mean().backward()
     reference_opt.step()
     assert_params_close(model.parameters(), reference.parameters())
+
+
+def test_sharded_update_runs_between_reduce_scatter_and_all_gather_in_the_backward(one_rank):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    backend = fop.data_parallel(
+        model, compiler="aot_eager", shard_optimizer_state=True, observer=lambda kind, gm: graphs.setdefault(kind, gm)
+    )
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(4, 6)).sum().backward()
+
+    nodes = list(graphs["backward"].graph.nodes)
+    for name, _ in model.named_parameters():
+        roles = [n.meta[PASS_META_KEY][1] for n in nodes if n.meta.get(PASS_META_KEY, ("",))[0] == name]
+        collectives = [
+            str(n.target) for n in nodes if n.meta.get(PASS_META_KEY, ("",))[0] == name and "c10d" in str(n.target)
+        ]
+        first = {role: roles.index(role) for role in ("scatter", "update", "gather", "write_param")}
+        assert first["scatter"] < first["update"] < first["gather"] < first["write_param"], (name, roles)
+        assert max(i for i, r in enumerate(roles) if r == "update") < first["gather"], (name, roles)
+        assert [c.split(".")[1] for c in collectives] == [
+            "reduce_scatter_tensor", "wait_tensor", "all_gather_into_tensor", "wait_tensor"
+        ], (name, collectives)  # fmt: skip
+    assert not any(ALL_REDUCE_META_KEY in n.meta for n in nodes)
+    state = fop.get_in_backward_optimizers(model)[0].state[model[0].weight]
+    assert state["exp_avg"].shape == (48,)  # one rank: its shard is the whole flattened parameter
+
+
+def test_sharding_refuses_an_optimizer_that_needs_the_whole_parameter(one_rank):
+    model = nn.Linear(4, 2)
+    fop.apply_optimizer_in_backward(torch.optim.Adafactor, model.parameters(), {"lr": 0.01})
+    before = snapshot(model.parameters())
+    with pytest.raises(fop.DataParallelSetupError, match=r"Adafactor on parameter 'weight' cannot run on a shard"):
+        fop.data_parallel(model, compiler="aot_eager", shard_optimizer_state=True)
+    assert_params_close(model.parameters(), before)
+
+
+def test_sharding_without_a_process_group_is_refused():
+    with pytest.raises(ValueError, match=r"shard_optimizer_state=True .* pass process_group="):
+        fop.make_backend(shard_optimizer_state=True)
+
+
+def test_full_parameter_state_loaded_into_a_sharded_run_is_refused_before_any_update(one_rank):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 8)
+    unsharded = deepcopy(model)
+    eager_opt = torch.optim.AdamW([unsharded.weight], lr=0.1)  # one optimizer per parameter, as in-backward
+    unsharded(torch.randn(2, 6)).sum().backward()
+    eager_opt.step()
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    backend = fop.data_parallel(model, compiler="aot_eager", shard_optimizer_state=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled(torch.randn(2, 6)).sum().backward()  # compiled, with sharded state
+    fop.get_in_backward_optimizers(model)[0].load_state_dict(eager_opt.state_dict())  # a full-parameter checkpoint
+    before = snapshot(model.parameters())
+    with pytest.raises(
+        fop.ShardedStateError, match=r"'exp_avg' of parameter 'weight' has shape \(8, 6\).* 48 elements"
+    ):
+        compiled(torch.randn(2, 6)).sum().backward()
+    assert_params_close(model.parameters(), before)
+
+
+def test_collective_failures_name_this_rank_and_the_peer_where_the_backend_does():
+    spec = DataParallelSpec("3", 4, rank=2)
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.7]:6067. Check logs.")
+    error = collective_error(gloo, spec)
+    assert error is not None
+    assert "failed on rank 2 of process group '3' (4 ranks; global rank 2): Connection closed by peer" in str(error)
+    nccl = torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1.")
+    assert "The backend names rank 1 as the peer" in str(collective_error(nccl, spec))
+    assert collective_error(ValueError("Connection closed"), spec) is None  # not a backend error
+    assert collective_error(RuntimeError("shape mismatch in mm"), spec) is None

@@ -29,12 +29,14 @@ from fx_optim_pass.optim_lowering import trace_step
 from fx_optim_pass.passes.explicit_alpha import make_alpha_explicit
 from fx_optim_pass.passes.fusable_copies import make_copies_fusable
 from fx_optim_pass.passes.realize_scalars import realize_step_scalars
+from fx_optim_pass.passes.shard_updates import trace_gather, trace_scatter
 from fx_optim_pass.plan import ParamUpdate, UpdatePlan, node_safe_name
 
 __all__ = ["PASS_META_KEY", "insert_optimizer_updates"]
 
 # node.meta[PASS_META_KEY] = (parameter name, role, name of the parameter's placeholder);
-# roles: "update", "write_state", "write_param". Inductor may fold a write into an
+# roles: "update", "write_state", "write_param", and for a sharded parameter (see
+# shard_updates) "scatter" and "gather" around its updates. Inductor may fold a write into an
 # in-place update node (SGD's _foreach_add_), which keeps the "update" tag.
 PASS_META_KEY = "fx_optim_pass"
 
@@ -73,13 +75,20 @@ def _insert_param_update(
     name = node_safe_name(param_update.name)
     cursor = grad if grad.op != "placeholder" else list(graph.find_nodes(op="placeholder"))[-1]
     current = param  # the parameter's value so far: each optimizer steps on the previous one's result
+    computed_at = order.get(grad, -1)  # where the gradient is computed (before it is sharded)
+    shard = param_update.shard
+    if shard is not None:  # the optimizers step on this rank's shard, with the averaged gradient's shard
+        traced = trace_scatter(shard, _val(param), _val(grad))
+        _, (current, grad), cursor = _inline(
+            graph, traced, [param, grad], cursor, f"scatter__{name}", (param_update.name, "scatter", param.name)
+        )
     for step, input_indices in zip(param_update.steps, param_update.step_inputs):
         extras = [placeholders[i] for i in input_indices]
         traced = trace_step(step, [_val(current), _val(grad), *map(_val, extras)], param_update.name)
         make_alpha_explicit(traced.graph)  # works around an Inductor miscompile, see explicit_alpha
         make_copies_fusable(traced.graph)  # no fallback kernel copying the gradient
         realize_step_scalars(traced.graph)  # scalar math once per step, not once per element
-        new_values, cursor = _inline(
+        new_values, _, cursor = _inline(
             graph,
             traced,
             [current, grad, *extras],
@@ -98,10 +107,15 @@ def _insert_param_update(
                     f"{step.op_name}_write_{key}__{name}",
                     (param_update.name, "write_state", param.name),
                 )
+    if shard is not None:
+        traced = trace_gather(shard, _val(current), _val(param))
+        _, (current,), cursor = _inline(
+            graph, traced, [current, param], cursor, f"gather__{name}", (param_update.name, "gather", param.name)
+        )
     if current is param:
         return
     last_reader = max(_readers(param), key=order.__getitem__, default=None)
-    if last_reader is not None and order[last_reader] > order.get(grad, -1):
+    if last_reader is not None and order[last_reader] > computed_at:
         # The parameter is still read after its gradient (e.g. the gradient of the
         # layer input, mm(grad_out, weight)): those reads must see the old value.
         cursor = last_reader
@@ -133,8 +147,9 @@ def _inline(
     cursor: fx.Node,
     node_name: str,
     tag: tuple[str, str, str],
-) -> tuple[dict[int, fx.Node], fx.Node]:
-    """Copy ``traced``'s computation after ``cursor``; return {input slot: new value} and the new cursor."""
+) -> tuple[dict[int, fx.Node], list[fx.Node], fx.Node]:
+    """Copy ``traced``'s computation after ``cursor``; return {input slot: new value}, the
+    returned values and the new cursor."""
     env: dict[fx.Node, fx.Node] = {}
     traced_placeholders = list(traced.graph.find_nodes(op="placeholder"))
     slot_of = {p: i for i, p in enumerate(traced_placeholders)}
@@ -161,7 +176,9 @@ def _inline(
         new.meta.update({"partitioner_tag": _torch_compat.MUST_BE_IN_BACKWARD, PASS_META_KEY: tag})
         env[node] = new
         cursor = new
-    return new_values, cursor
+    returned = fx.map_arg(traced.graph.output_node().args[0], env.__getitem__)
+    values = list(returned) if isinstance(returned, (list, tuple)) else [returned]
+    return new_values, [v for v in values if isinstance(v, fx.Node)], cursor
 
 
 def _write(
