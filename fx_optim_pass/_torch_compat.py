@@ -164,10 +164,20 @@ class _InPlaceAsFunctional(torch.overrides.TorchFunctionMode):
             return tensor.copy_(tensor.square())
         if func in (torch.Tensor.lerp_, torch.Tensor.lerp, torch.lerp) and len(args) == 3:
             start, end, weight = args
-            if isinstance(weight, torch.SymFloat):
+            if isinstance(weight, torch.SymFloat) and not _formula_known(weight):
                 weight = torch.full((), weight, dtype=start.dtype, device=start.device)  # type: ignore[call-overload]
                 return func(start, end, weight, **kwargs)
         return func(*args, **kwargs)
+
+
+def _formula_known(weight: torch.SymFloat) -> bool:
+    """Whether torch's lerp formula for ``weight`` (|weight| >= 0.5 or not) is decided at
+    trace time (a hyperparameter between landmarks), so the graph keeps one formula."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if statically_known_true(weight >= 0.5) or statically_known_true(weight <= -0.5):
+        return True
+    return statically_known_true(weight < 0.5) and statically_known_true(weight > -0.5)
 
 
 @contextlib.contextmanager
