@@ -49,12 +49,12 @@ _TRACE_FLAG_CHOICES = (
 _IGNORED_GROUP_KEYS = {"params", "initial_lr", "lr"}
 
 # torch.optim's code branches on some float hyperparameters (``weight_decay != 0``,
-# ``momentum > 0``), and torch's lerp picks its formula by whether its weight,
-# ``1 - beta``, is below 0.5 in magnitude. A graph traced for one value holds for
-# every value on the same side of each of these landmarks; which side is part of
-# the compiled setup (changing it compiles anew), and a value on a landmark is
-# compiled in as a constant.
-_LANDMARKS = (0.0, 0.5, 1.0, 1.5)
+# ``momentum > 0``); torch's lerp picks its formula by whether its weight, ``1 - beta``,
+# is below 0.5 in magnitude; torch's pow (2.11) special-cases a base or exponent of
+# 0.5, 1 and 2. A graph traced for one value holds for every value on the same side
+# of each of these landmarks; which side is part of the compiled setup (changing it
+# compiles anew), and a value on a landmark is compiled in as a constant.
+_LANDMARKS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
