@@ -151,6 +151,9 @@ def optimizer_step_as_if_compiling(optimizer_class: type) -> Iterator[None]:
         compiler._is_compiling_flag = old
 
 
+_NUMBER_BASE_POW_BREAKS_INDUCTOR = torch.torch_version.TorchVersion(torch.__version__) < "2.13"
+
+
 class _InPlaceAsFunctional(torch.overrides.TorchFunctionMode):
     """Two rewrites that keep an update traceable, each computing the same values:
     ``x.square_()``, which functionalization cannot trace, as ``x.copy_(x.square())``;
@@ -159,6 +162,13 @@ class _InPlaceAsFunctional(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if _NUMBER_BASE_POW_BREAKS_INDUCTOR and func in (torch.Tensor.__rpow__, torch.pow) and len(args) == 2:
+            # Before torch 2.13, Inductor's no-op removal asks every pow's base for its
+            # size, and a run-time number base (beta ** step) has none: make it a tensor.
+            exponent, base = args if func is torch.Tensor.__rpow__ else args[::-1]
+            if isinstance(base, torch.SymFloat) and isinstance(exponent, torch.Tensor):
+                base = torch.full((), base, dtype=exponent.dtype, device=exponent.device)  # type: ignore[call-overload]
+                return torch.pow(base, exponent)
         if func is torch.Tensor.square_:
             (tensor,) = args
             return tensor.copy_(tensor.square())
