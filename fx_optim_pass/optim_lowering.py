@@ -261,7 +261,15 @@ def _state_from_constructor(
     optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict[str, Any]
 ) -> dict[str, Any]:
     accepted = inspect.signature(type(optimizer).__init__).parameters
-    kwargs = {k: v for k, v in group.items() if k in accepted and k != "params"}
+    # A tensor setting (lr) would meet fake tensors in the constructor's checks; the
+    # state does not depend on it, so its default serves.
+    kwargs = {
+        k: accepted[k].default if isinstance(v, torch.Tensor) else v
+        for k, v in group.items()
+        if k in accepted
+        and k != "params"
+        and not (isinstance(v, torch.Tensor) and accepted[k].default is inspect.Parameter.empty)
+    }
     with torch.no_grad():
         fresh = type(optimizer)([param], **kwargs)
     return dict(fresh.state.get(param, {}))
