@@ -141,18 +141,17 @@ def _compile(
     static_shapes = all(isinstance(x, torch.Tensor) for x in example_inputs)
 
     def run_compiled_step(*args: Any) -> Any:
-        signature = runtime_signature(args)
-        variant = variants.get(signature)
+        key: Any = runtime_signature(args)
+        variant = variants.get(key)
+        if variant is None and not static_shapes:
+            # A variant compiled here sees this call's sizes only (the graph's symbolic
+            # sizes become these numbers), so it serves calls of the same sizes.
+            key = (key, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+            variant = variants.get(key)
         if variant is None:
-            if not static_shapes:
-                raise OptimizerChangedError(
-                    "The parameters passed to this dynamic-shape graph have other in-backward optimizers "
-                    f"than it was compiled for ({_describe_signature(signature)}). Compile this model with "
-                    "dynamic=False, or call torch._dynamo.reset() after changing its optimizers."
-                )
             fresh = _torch_compat.copy_dynamo_graph(pristine, [])
             variant = _compile_variant(fresh, args, build_plan(fresh, args, group), compiler, observe)
-            variants[signature] = variant
+            variants[key] = variant
         return variant(*args)
 
     return run_compiled_step

@@ -52,8 +52,8 @@ def train_with_freezing(model, compiled, device, *, batches=None):
 def test_frozen_parameters_stay_and_unfrozen_ones_train(mode, device):
     model = mlp(device)
     train_with_freezing(model, in_mode(model, mode), device)
-    if mode != "eager":  # one graph per requires_grad pattern, both reused
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    if mode != "eager":  # one compile per requires_grad pattern, both reused
+        assert compiles() == 2
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -61,16 +61,30 @@ def test_freezing_with_dynamic_shapes_keeps_graphs_bounded(compiler, device):
     model = mlp(device)
     backend = fop.make_backend(compiler=compiler)
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
-    train_with_freezing(model, compiled, device, batches=[4, 5, 7, 3, 9])
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    batches = [4, 5, 7, 3, 9]
+    train_with_freezing(model, compiled, device, batches=batches)
+    assert compiles() <= situations(batches)
 
 
 def test_freezing_after_the_automatic_dynamic_switch_keeps_graphs_bounded(device):
     model = mlp(device)
     compiled = torch.compile(model, backend=fop.make_backend(compiler="aot_eager"), fullgraph=True)
-    train_with_freezing(model, compiled, device, batches=[4, 5, 7, 3, 9])
+    batches = [4, 5, 7, 3, 9]
+    train_with_freezing(model, compiled, device, batches=batches)
     # static graph for batch 4, then dynamic ones for both requires_grad patterns
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    assert compiles() <= 1 + situations(batches)
+
+
+def compiles() -> int:
+    """Graphs compiled, Dynamo's and the backend's own variants alike."""
+    return torch._dynamo.utils.counters["aot_autograd"]["total"]
+
+
+def situations(batches: list[int]) -> int:
+    """The bound on compiles for a dynamic-shape graph: torch 2.13 recompiles per
+    requires_grad pattern (2); where Dynamo keeps one graph for both (torch 2.11), the
+    backend compiles the other pattern once per batch size it meets."""
+    return max(2, 1 + len({(trains, batch) for trains, batch in zip(FIRST_LAYER_TRAINS, batches) if not trains}))
 
 
 @pytest.mark.parametrize("mode", MODES)
