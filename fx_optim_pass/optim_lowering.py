@@ -107,6 +107,11 @@ _UNTRACEABLE = {
     "LBFGS": "it needs a closure that re-evaluates the model",
     "SparseAdam": "it needs sparse gradients, which compiled graphs do not produce",
 }
+if not _torch_compat.TRACES_ADAFACTOR:
+    _UNTRACEABLE["Adafactor"] = (
+        f"on torch {torch.__version__} its traced update does not match eager under Inductor "
+        "(it does from torch 2.13 on: upgrade torch to use it)"
+    )
 
 
 class UnsupportedOptimizerError(TypeError):
