@@ -86,14 +86,15 @@ def parity_with_ddp(optimizer: str, compiler: str) -> None:
     assert count_collectives(graphs, "forward") == 0
 
 
-def bucketed_parity_with_ddp() -> None:
-    """Inductor's bucketing merges the small all-reduces; parameters still match DDP's."""
+def train_bucketed_against_ddp(shard: bool) -> tuple[torch.nn.Module, str]:
+    """AdamW through Inductor with 25 MiB buckets, checked against DDP + eager AdamW;
+    returns the model and the generated code of its first backward."""
     rank = dist.get_rank()
     subject = model_of_rank(rank)
     reference = DistributedDataParallel(deepcopy(subject))
     reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
     fop.apply_optimizer_in_backward(torch.optim.AdamW, subject.parameters(), {"lr": 0.01})
-    compiled = torch.compile(subject, backend=fop.data_parallel(subject), fullgraph=True)  # 25 MiB buckets
+    compiled = torch.compile(subject, backend=fop.data_parallel(subject, shard_optimizer_state=shard), fullgraph=True)
     codes: list[str] = []
     for step, x in enumerate(batches(rank)):
         reference(x).pow(2).mean().backward()
@@ -105,7 +106,12 @@ def bucketed_parity_with_ddp() -> None:
             compiled(x).pow(2).mean().backward()
     for actual, expected in zip(subject.parameters(), reference.module.parameters()):
         torch.testing.assert_close(actual, expected)
-    backward_code = codes[-1]
+    return subject, codes[-1]
+
+
+def bucketed_parity_with_ddp() -> None:
+    """Inductor's bucketing merges the small all-reduces; parameters still match DDP's."""
+    subject, backward_code = train_bucketed_against_ddp(shard=False)
     collectives = backward_code.count("_c10d_functional.all_reduce_.default(")
     assert 1 <= collectives < len(list(subject.parameters())), f"{collectives} all-reduces in the backward"
 
@@ -252,24 +258,7 @@ def sharded_parity(optimizer: str, compiler: str, against_unsharded: bool) -> No
 def sharded_bucketed_parity() -> None:
     """Sharded, with Inductor's bucketing (25 MiB): fewer reduce-scatters and all-gathers
     than parameters in the generated backward; parameters still match DDP's."""
-    rank = dist.get_rank()
-    subject = model_of_rank(rank)
-    reference = DistributedDataParallel(deepcopy(subject))
-    reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
-    fop.apply_optimizer_in_backward(torch.optim.AdamW, subject.parameters(), {"lr": 0.01})
-    compiled = torch.compile(subject, backend=fop.data_parallel(subject, shard_optimizer_state=True), fullgraph=True)
-    codes: list[str] = []
-    for step, x in enumerate(batches(rank)):
-        reference(x).pow(2).mean().backward()
-        reference_opt.step()
-        reference_opt.zero_grad()
-        if step == 0:
-            codes = _torch_compat.run_and_get_code(lambda x=x: compiled(x).pow(2).mean().backward())
-        else:
-            compiled(x).pow(2).mean().backward()
-    for actual, expected in zip(subject.parameters(), reference.module.parameters()):
-        torch.testing.assert_close(actual, expected)
-    backward_code = codes[-1]
+    subject, backward_code = train_bucketed_against_ddp(shard=True)
     num_params = len(list(subject.parameters()))
     for op in ("reduce_scatter_tensor", "all_gather_into_tensor"):
         count = backward_code.count(f"_c10d_functional.{op}")
