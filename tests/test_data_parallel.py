@@ -208,10 +208,10 @@ def test_sharded_update_runs_between_reduce_scatter_and_all_gather_in_the_backwa
 
 
 def test_sharding_refuses_an_optimizer_that_needs_the_whole_parameter(one_rank):
-    model = nn.Linear(4, 2)
-    fop.apply_optimizer_in_backward(torch.optim.Adafactor, model.parameters(), {"lr": 0.01})
+    model = nn.Linear(4, 2, bias=False)
+    fop.apply_optimizer_in_backward(torch.optim.Muon, model.parameters(), {"lr": 0.01})  # orthogonalizes the matrix
     before = snapshot(model.parameters())
-    with pytest.raises(fop.DataParallelSetupError, match=r"Adafactor on parameter 'weight' cannot run on a shard"):
+    with pytest.raises(fop.DataParallelSetupError, match=r"Muon on parameter 'weight' cannot run on a shard"):
         fop.data_parallel(model, compiler="aot_eager", shard_optimizer_state=True)
     assert_params_close(model.parameters(), before)
 
