@@ -353,10 +353,6 @@ def runtime_signature(args: Sequence[Any]) -> tuple[Any, ...]:
     )
 
 
-def _describe_signature(signature: tuple[Any, ...]) -> str:
-    return "; ".join(f"input {index}: {_describe(steps)}" for index, steps in signature) or "no in-backward optimizers"
-
-
 def _extra_input_names(plan: UpdatePlan) -> list[str]:
     """Readable, unique placeholder names: ``adamw_exp_avg__0_weight``."""
     names: list[str] = []
@@ -556,10 +552,6 @@ def _check_sharded_state(
                 f"{shard.shard_numel} elements (rank {shard.group.rank} of {shard.group.world_size}). Load into each "
                 "rank the optimizer state_dict() that rank saved, or train without shard_optimizer_state."
             )
-
-
-def _describe(steps: Sequence[tuple[type, Any]]) -> str:
-    return ", ".join(f"{cls.__name__}({dict(h) if h else ''})" for cls, h in steps) or "no optimizer"
 
 
 def _install_created_state(
