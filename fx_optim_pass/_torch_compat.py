@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
-from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput
+from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput, TangentAOTInput
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
@@ -31,10 +31,13 @@ __all__ = [
     "compile_inductor",
     "copy_dynamo_graph",
     "emit_trace_artifact",
+    "fake_copies",
     "grad_output_positions",
     "hooked_by_torch",
     "input_index",
+    "is_tangent",
     "is_view_op",
+    "may_recompute_in_backward",
     "normalize_gm",
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
@@ -42,8 +45,10 @@ __all__ = [
     "process_group_timeout",
     "qualified_name_from_source",
     "resolve_group_name",
+    "retains_graph",
     "run_and_get_code",
     "run_on_fake",
+    "set_versions",
     "shard_collective_ops",
     "structured_trace_enabled",
     "sync_module_states",
@@ -61,6 +66,29 @@ def input_index(node: fx.Node) -> int | None:
     """Index into the compiled function's inputs of a joint-graph placeholder."""
     desc = node.meta.get("desc")
     return desc.idx if isinstance(desc, PlainAOTInput) else None
+
+
+def is_tangent(node: fx.Node) -> bool:
+    """Whether a joint-graph placeholder is a tangent (the incoming gradient of an output)."""
+    return isinstance(node.meta.get("desc"), TangentAOTInput)
+
+
+def may_recompute_in_backward(node: fx.Node) -> bool:
+    """Whether the min-cut partitioner may recompute forward node ``node`` in the backward
+    instead of saving it: anything but its compute-intensive ops (matmuls, convolutions,
+    attention), and those too under an activation memory budget below 1."""
+    from torch._functorch import config as functorch_config
+
+    if functorch_config.activation_memory_budget < 1:
+        return True
+    return not _partitioner_op_types().is_compute_intensive(node)
+
+
+@functools.cache
+def _partitioner_op_types() -> Any:
+    from torch._functorch.partitioners import get_default_op_list
+
+    return get_default_op_list()
 
 
 def grad_output_positions(output_node: fx.Node) -> dict[int, int]:
@@ -327,6 +355,17 @@ def with_scalar_symbols(example_inputs: Sequence[Any]) -> list[Any]:
     return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
 
+def fake_copies(example_inputs: Sequence[Any]) -> list[Any]:
+    """``example_inputs`` (from ``with_scalar_symbols``) with every real tensor replaced by a
+    fake copy in their fake mode: enough to trace the same graph again, holding no data."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import is_fake
+
+    mode = detect_fake_mode(example_inputs)
+    assert mode is not None, "with_scalar_symbols makes the example inputs fake"
+    return [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not is_fake(x) else x for x in example_inputs]
+
+
 def compile_aot_eager(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -451,6 +490,16 @@ def hooked_by_torch(param: torch.Tensor) -> bool:
     """Whether PyTorch's ``_apply_optimizer_in_backward`` registered a hook for ``param``."""
     hook_map = _torch_hook_map()
     return hook_map is not None and param in hook_map
+
+
+def retains_graph() -> bool:
+    """Inside a backward hook: whether the running backward was called with ``retain_graph=True``."""
+    return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+
+
+def set_versions(tensors: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
+    """Set the in-place version counters that autograd checks saved tensors against."""
+    torch._C._autograd._unsafe_set_version_counter(tuple(tensors), tuple(versions))
 
 
 def will_run_in_this_backward(node: Any) -> bool:

@@ -34,7 +34,7 @@ from fx_optim_pass.optim_lowering import (
     param_group,
 )
 from fx_optim_pass.passes import all_reduce_gradients, insert_optimizer_updates
-from fx_optim_pass.placement import find_placements, placement_log, placement_table
+from fx_optim_pass.placement import find_placements, params_read_by_backward, placement_log, placement_table
 from fx_optim_pass.plan import (
     DataParallelSpec,
     GradientAllReduce,
@@ -50,6 +50,7 @@ __all__ = [
     "GraphObserver",
     "OptimizerChangedError",
     "PartialGradientError",
+    "SecondBackwardError",
     "ShardedStateError",
     "backend",
     "make_backend",
@@ -162,7 +163,8 @@ def _compile_variant(
 ) -> Callable[..., Any]:
     runtime_inputs = RuntimeInputs(plan)
     anchor = [_GRAD_ANCHOR] if plan.params else []
-    graph = _torch_compat.copy_dynamo_graph(gm, [*_extra_input_names(plan), *(["grad_anchor"] if anchor else [])])
+    input_names = [*_extra_input_names(plan), *(["grad_anchor"] if anchor else [])]
+    graph = _torch_compat.copy_dynamo_graph(gm, input_names)
     example = _torch_compat.with_scalar_symbols(
         [*example_inputs, *runtime_inputs(example_inputs, for_compile=True), *anchor]
     )
@@ -183,6 +185,20 @@ def _compile_variant(
         compiled = _name_rank_on_collective_failure(compiled, plan.all_reduce.group)
     if not plan.params:
         return compiled
+    # Known when the pass ran; after a cache hit, found by tracing the joint graph again
+    # (aot_eager), on the first backward that needs it: a second one with retain_graph=True.
+    fake_example = [] if joint_pass.read_by_backward is not None else _torch_compat.fake_copies(example)
+
+    def read_by_backward() -> set[str]:
+        if joint_pass.read_by_backward is None:
+            retrace = JointPass(plan, _ignore)
+            with torch.enable_grad():  # called from a backward hook, where grad mode is off
+                graph = _torch_compat.copy_dynamo_graph(gm, input_names)
+                _torch_compat.compile_aot_eager(graph, fake_example, retrace, _ignore)
+            joint_pass.read_by_backward = retrace.read_by_backward
+        if joint_pass.read_by_backward is None:  # not traced after all: assume the worst
+            return {p.name for p in plan.params}
+        return joint_pass.read_by_backward
 
     names = [p.name for p in plan.params]
     positions = [p.input_index for p in plan.params]
@@ -198,7 +214,7 @@ def _compile_variant(
             call_args[i] = param.detach()
         extra = runtime_inputs(args)
         outputs = compiled(*call_args, *extra, _GRAD_ANCHOR)
-        _guard_backward(outputs, params, names, runtime_inputs.take_installs())
+        _guard_backward(outputs, params, names, runtime_inputs.take_installs(), extra, read_by_backward)
         return outputs
 
     return run_with_optimizer_inputs
@@ -246,7 +262,12 @@ _FIX = (
 
 
 def _guard_backward(
-    outputs: Any, params: Sequence[torch.Tensor], names: Sequence[str], installs: Sequence[Callable[[], None]]
+    outputs: Any,
+    params: Sequence[torch.Tensor],
+    names: Sequence[str],
+    installs: Sequence[Callable[[], None]],
+    optimizer_inputs: Sequence[torch.Tensor],
+    read_by_backward: Callable[[], set[str]],
 ) -> None:
     """Check, right before this call's compiled backward runs (so before it updates anything):
 
@@ -260,6 +281,9 @@ def _guard_backward(
 
     The same check runs before an updated parameter's AccumulateGrad node, for when the
     eager part arrives first. ``installs`` run after the compiled backward.
+
+    A backward with ``retain_graph=True`` may be followed by another through the same
+    graph; like PyTorch's eager hooks, that one updates again (see ``_allow_another_update``).
     """
     node = _compiled_backward_node(outputs)
     if node is None:
@@ -269,6 +293,9 @@ def _guard_backward(
     entry = (weakref.ref(node), updated)
     _pending_calls.append(entry)
     accumulate_nodes = [_watched_accumulate_grad_node(p) for p in params]
+    written = [*params, *optimizer_inputs]
+    saved_versions: list[int] = []  # of ``written``, when a backward retained the graph
+    counted_on: list[int] = []  # of ``written``, before another backward set them back
 
     def check(grad_outputs: Any) -> None:
         if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
@@ -294,14 +321,65 @@ def _guard_backward(
             raise _eager_contribution_error(from_eager)
         if entry in _pending_calls:
             _pending_calls.remove(entry)
+        if saved_versions:  # an earlier backward through this graph retained it
+            counted_on[:] = _allow_another_update(written, saved_versions, names, installs, read_by_backward)
+        elif _torch_compat.retains_graph():
+            saved_versions[:] = [t._version for t in written]
 
-    def install(*_unused: Any) -> None:
+    def after_backward(*_unused: Any) -> None:
         for run in installs:
             run()
+        if counted_on:  # count the writes of this backward on top of the ones before it
+            now = [t._version for t in written]
+            _torch_compat.set_versions(written, [c + n - s for c, n, s in zip(counted_on, now, saved_versions)])
+            counted_on.clear()
 
     node.register_prehook(check)
+    node.register_hook(after_backward)
+
+
+class SecondBackwardError(RuntimeError):
+    """A second backward through a compiled graph (``retain_graph=True``) that would read
+    parameters its first backward already updated."""
+
+
+def _allow_another_update(
+    written: Sequence[torch.Tensor],
+    saved_versions: Sequence[int],
+    names: Sequence[str],
+    installs: Sequence[Callable[[], None]],
+    read_by_backward: Callable[[], set[str]],
+) -> list[int]:
+    """Before a second backward through a compiled graph: let it update again, as PyTorch's
+    eager hooks do, where that is sound; returns the version counters it set back.
+
+    The first backward's writes bumped the version counters of the parameters and state it
+    saved, so autograd would refuse the second. Set back, they let the update run again on
+    the current parameter and state, with the gradient of the same saved activations. That
+    is sound only if the backward reads the parameters for nothing but their update: where
+    it reads one for a gradient (eager hooks fail there too, with autograd's in-place
+    error), or the first backward created optimizer state (SGD's first momentum buffer,
+    which the graph would create again), this refuses instead.
+    """
+    read = sorted(read_by_backward())
+    if read:
+        raise SecondBackwardError(
+            f"a second backward (retain_graph=True) through this compiled graph needs the old value of parameter(s) "
+            f"{', '.join(read)} for its gradients, but the first backward already updated them with their in-backward "
+            "optimizers (PyTorch's eager hooks fail here too). Nothing was updated. Run the forward again before each "
+            "backward, or leave these parameters out of apply_optimizer_in_backward."
+        )
     if installs:
-        node.register_hook(install)
+        raise SecondBackwardError(
+            f"a second backward (retain_graph=True) through the first step of parameter(s) {', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}: their optimizer created its state in the first backward "
+            "(e.g. SGD's momentum_buffer), and this graph would create it again instead of stepping on it. "
+            "Nothing was updated. Take one ordinary step (no retain_graph) first, or run the forward again "
+            "before each backward."
+        )
+    counted_on = [t._version for t in written]
+    _torch_compat.set_versions(written, saved_versions)
+    return counted_on
 
 
 def _eager_contribution_error(names: Sequence[str]) -> PartialGradientError:
@@ -405,6 +483,7 @@ class JointPass(_torch_compat.CustomGraphPass):
 
     def __init__(self, plan: UpdatePlan, observe: GraphObserver) -> None:
         self.plan, self.observe = plan, observe
+        self.read_by_backward: set[str] | None = None  # see params_read_by_backward; None until the pass ran
 
     def __call__(self, graph: fx.Graph) -> None:
         if not self.plan.params and self.plan.all_reduce is None:
@@ -419,6 +498,7 @@ class JointPass(_torch_compat.CustomGraphPass):
                 _torch_compat.emit_trace_artifact("fx_optim_pass_joint_before", lambda: normalize_graph(before))
         all_reduce_gradients(graph, self.plan)
         insert_optimizer_updates(graph, self.plan)
+        self.read_by_backward = params_read_by_backward(graph)
         if watched:
             after = fx.GraphModule(owner, _copy(graph))
             self.observe("joint", after)

@@ -10,7 +10,14 @@ import torch.fx as fx
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.passes.insert_updates import PASS_META_KEY
 
-__all__ = ["Placement", "find_placements", "late_updates", "placement_log", "placement_table"]
+__all__ = [
+    "Placement",
+    "find_placements",
+    "late_updates",
+    "params_read_by_backward",
+    "placement_log",
+    "placement_table",
+]
 
 # `TORCH_LOGS=fx_optim_pass.placement` prints the placement table of every rewrite.
 placement_log = logging.getLogger(__name__)
@@ -97,6 +104,39 @@ def late_updates(graph: fx.Graph) -> list[str]:
         if strays:
             problems.append(f"{name}: {', '.join(strays)} run between its gradient and its update")
     return problems
+
+
+def params_read_by_backward(joint: fx.Graph) -> set[str]:
+    """Updated parameters whose value the backward may read for the gradients (not only for
+    their own update), in a joint graph after the rewrite.
+
+    The backward reads a parameter when a gradient formula needs it (``mm(grad, weight)``
+    for the layer input's gradient), or when the partitioner recomputes a forward value
+    from it instead of saving that value (``sigmoid(gate)``, a view of the weight). Such
+    a backward, run a second time (``retain_graph=True``), would read the value the first
+    run's update wrote. Conservative: any forward node but a matmul, convolution or
+    attention may be recomputed.
+    """
+    in_backward: set[fx.Node] = set()
+    for node in joint.nodes:
+        if (node.op == "placeholder" and _torch_compat.is_tangent(node)) or any(
+            arg in in_backward for arg in node.all_input_nodes
+        ):
+            in_backward.add(node)
+    read = set()
+    for name, placement in find_placements(joint).items():
+        seen: set[fx.Node] = set()
+        frontier = [placement.param_input]
+        while frontier and name not in read:
+            for user in frontier.pop().users:
+                if PASS_META_KEY in user.meta or user.op == "output" or user in seen:
+                    continue  # the update itself reads the new value on purpose
+                seen.add(user)
+                if user in in_backward:
+                    read.add(name)
+                elif _torch_compat.may_recompute_in_backward(user):
+                    frontier.append(user)
+    return read
 
 
 def _alias_readers(node: fx.Node) -> list[fx.Node]:

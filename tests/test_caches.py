@@ -18,8 +18,9 @@ import torch
 from torch._functorch import config as functorch_config
 from torch._inductor import config as inductor_config
 
+import fx_optim_pass as fop
 from tests.cache_worker import cache_counters, train_compiled, train_eager
-from tests.helpers import assert_params_close
+from tests.helpers import assert_params_close, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +91,31 @@ def test_fresh_processes_sharing_a_cache_directory(cache_dir):
     assert warm["counters"]["autograd_hit"] == 1 and warm["counters"]["autograd_miss"] == 0
     assert warm["counters"]["fxgraph_miss"] == 0
     assert_trained_like_eager(warm, "SGD")
+
+
+def second_backward_outcome(layers: int) -> str:
+    """Compile ``layers`` Linear layers, backward twice through one forward (retain_graph=True)."""
+    torch._dynamo.reset()  # forget the compiled frames; the caches on disk stay
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(layers)])
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
+    loss = torch.compile(model, backend=fop.backend, fullgraph=True)(torch.randn(4, 6)).pow(2).mean()
+    loss.backward(retain_graph=True)
+    after_first = snapshot(model.parameters())
+    try:
+        loss.backward()
+    except fop.SecondBackwardError:
+        assert_params_close(model.parameters(), after_first)
+        return "refused"
+    assert all(not torch.equal(p, before) for p, before in zip(model.parameters(), after_first))
+    return "updated again"
+
+
+@pytest.mark.parametrize(("layers", "expected"), [(1, "updated again"), (2, "refused")])
+def test_retain_graph_check_after_a_cache_hit(cache_dir, layers, expected):
+    """Served from AOTAutograd's cache, the pass did not run in this process; a second
+    backward still tells a weight the backward reads (refused) from one it does not
+    (updated again): the joint graph is traced again."""
+    outcomes = [second_backward_outcome(layers) for _ in range(2)]  # cold, then from the cache
+    assert cache_counters()["autograd_hit"] == 1
+    assert outcomes == [expected, expected]

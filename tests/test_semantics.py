@@ -5,6 +5,7 @@ from copy import deepcopy
 import pytest
 import torch
 from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
 
 import fx_optim_pass as fop
 from tests.helpers import assert_params_close, in_mode, snapshot
@@ -49,6 +50,71 @@ def test_create_graph_gets_our_error_before_any_parameter_changes(mode, device):
     with pytest.raises(fop.DoubleBackwardError, match=r"create_graph=True.*0\.weight"):
         compiled(torch.randn(4, 6, device=device)).sum().backward(create_graph=True)
     assert_params_close(model.parameters(), before)
+
+
+def retain_graph_steps(model, steps, device, first_plain_step=False):
+    """Train ``model`` (compiled or with eager hooks) with two backwards per forward."""
+    torch.manual_seed(1)
+    if first_plain_step:
+        model(torch.randn(4, 6, device=device)).pow(2).mean().backward()
+    for _ in range(steps):
+        loss = model(torch.randn(4, 6, device=device)).pow(2).mean()
+        loss.backward(retain_graph=True)
+        loss.backward()
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+@pytest.mark.parametrize(
+    ("optimizer_class", "kwargs"), [(torch.optim.AdamW, {"lr": 0.01}), (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})]
+)
+def test_retain_graph_second_backward_updates_again_as_eager_hooks_do(mode, device, optimizer_class, kwargs):
+    """One Linear layer on an input without gradient: its backward reads no weight, and
+    PyTorch's eager hooks step once per backward; so do we."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).to(device)
+    reference = deepcopy(model)
+    _apply_optimizer_in_backward(optimizer_class, reference.parameters(), kwargs)
+    fop.apply_optimizer_in_backward(optimizer_class, model.parameters(), kwargs)
+    # SGD creates its momentum buffer in its first step, which a second backward refuses.
+    first_plain_step = optimizer_class is torch.optim.SGD
+    retain_graph_steps(reference, 3, device, first_plain_step)
+    retain_graph_steps(in_mode(model, mode), 3, device, first_plain_step)
+    assert_params_close(model.parameters(), reference.parameters())
+    for p, ref in zip(model.parameters(), reference.parameters()):
+        (optimizer,), (ref_optimizer,) = p._in_backward_optimizers, ref._in_backward_optimizers
+        torch.testing.assert_close(optimizer.state[p], ref_optimizer.state[ref])
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+def test_retain_graph_second_backward_refused_where_the_backward_reads_a_weight(mode, device):
+    """Two layers: the first layer's input gradient reads 2.weight. Eager hooks fail with
+    autograd's in-place error; we refuse before anything changes, naming the weight."""
+    reference = mlp(device)
+    _apply_optimizer_in_backward(torch.optim.AdamW, reference.parameters(), {"lr": 0.01})
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        retain_graph_steps(reference, 1, device)
+
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
+    loss = in_mode(model, mode)(torch.randn(4, 6, device=device)).pow(2).mean()
+    loss.backward(retain_graph=True)
+    after_first = snapshot(model.parameters())
+    with pytest.raises(fop.SecondBackwardError, match=r"retain_graph=True.*2\.weight.*Nothing was updated"):
+        loss.backward()
+    assert_params_close(model.parameters(), after_first)
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+def test_retain_graph_second_backward_on_a_first_step_creating_state_is_refused(mode, device):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).to(device)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1, "momentum": 0.9})
+    loss = in_mode(model, mode)(torch.randn(4, 6, device=device)).pow(2).mean()
+    loss.backward(retain_graph=True)
+    after_first = snapshot(model.parameters())
+    with pytest.raises(fop.SecondBackwardError, match=r"weight.*created its state.*momentum_buffer"):
+        loss.backward()
+    assert_params_close(model.parameters(), after_first)
 
 
 @pytest.mark.parametrize("mode", COMPILED)
