@@ -5,6 +5,7 @@ from copy import deepcopy
 import pytest
 import torch
 from torch import nn
+from torch._functorch import config as functorch_config
 from torch.distributed.optim import _apply_optimizer_in_backward
 
 import fx_optim_pass as fop
@@ -52,6 +53,15 @@ def test_create_graph_gets_our_error_before_any_parameter_changes(mode, device):
     assert_params_close(model.parameters(), before)
 
 
+@pytest.fixture
+def no_donated_buffers():
+    """Inductor lets a compiled backward reuse saved activations' memory ("donated
+    buffers"), and AOTAutograd then refuses retain_graph=True, with or without this
+    package, saying to turn them off: done here, as a user needing retain_graph would."""
+    with functorch_config.patch(donated_buffer=False):
+        yield
+
+
 def retain_graph_steps(model, steps, device, first_plain_step=False):
     """Train ``model`` (compiled or with eager hooks) with two backwards per forward."""
     torch.manual_seed(1)
@@ -67,7 +77,9 @@ def retain_graph_steps(model, steps, device, first_plain_step=False):
 @pytest.mark.parametrize(
     ("optimizer_class", "kwargs"), [(torch.optim.AdamW, {"lr": 0.01}), (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})]
 )
-def test_retain_graph_second_backward_updates_again_as_eager_hooks_do(mode, device, optimizer_class, kwargs):
+def test_retain_graph_second_backward_updates_again_as_eager_hooks_do(
+    mode, device, optimizer_class, kwargs, no_donated_buffers
+):
     """One Linear layer on an input without gradient: its backward reads no weight, and
     PyTorch's eager hooks step once per backward; so do we."""
     torch.manual_seed(0)
@@ -86,7 +98,7 @@ def test_retain_graph_second_backward_updates_again_as_eager_hooks_do(mode, devi
 
 
 @pytest.mark.parametrize("mode", COMPILED)
-def test_retain_graph_second_backward_refused_where_the_backward_reads_a_weight(mode, device):
+def test_retain_graph_second_backward_refused_where_the_backward_reads_a_weight(mode, device, no_donated_buffers):
     """Two layers: the first layer's input gradient reads 2.weight. Eager hooks fail with
     autograd's in-place error; we refuse before anything changes, naming the weight."""
     reference = mlp(device)
@@ -105,7 +117,7 @@ def test_retain_graph_second_backward_refused_where_the_backward_reads_a_weight(
 
 
 @pytest.mark.parametrize("mode", COMPILED)
-def test_retain_graph_second_backward_on_a_first_step_creating_state_is_refused(mode, device):
+def test_retain_graph_second_backward_on_a_first_step_creating_state_is_refused(mode, device, no_donated_buffers):
     torch.manual_seed(0)
     model = nn.Linear(6, 3).to(device)
     fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1, "momentum": 0.9})
