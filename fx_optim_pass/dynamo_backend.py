@@ -48,7 +48,6 @@ from fx_optim_pass.testing import normalize_graph
 __all__ = [
     "DoubleBackwardError",
     "GraphObserver",
-    "OptimizerChangedError",
     "PartialGradientError",
     "ShardedStateError",
     "backend",
@@ -60,10 +59,6 @@ DEFAULT_BUCKET_CAP_MB = 25.0
 """DistributedDataParallel's default ``bucket_cap_mb``."""
 GraphObserver = Callable[[str, fx.GraphModule], None]
 """Called with ("joint_before" | "joint" | "forward" | "backward" | "inference", graph)."""
-
-
-class OptimizerChangedError(RuntimeError):
-    """An in-backward optimizer changed in a way the compiled graph cannot honour."""
 
 
 def make_backend(
