@@ -211,6 +211,8 @@ def inspect(
 
     try:
         eager_step()
+    except InspectError:
+        raise
     except Exception as error:
         raise InspectError(
             f"the example inputs do not fit the model: {_first_line(error)}. "
