@@ -12,7 +12,6 @@ from fx_optim_pass.data_parallel import data_parallel
 from fx_optim_pass.distributed import CollectiveError, DataParallelSetupError
 from fx_optim_pass.dynamo_backend import (
     DoubleBackwardError,
-    OptimizerChangedError,
     PartialGradientError,
     SecondBackwardError,
     ShardedStateError,
@@ -27,7 +26,6 @@ __all__ = [
     "DataParallelSetupError",
     "DoubleBackwardError",
     "InspectError",
-    "OptimizerChangedError",
     "PartialGradientError",
     "Report",
     "SecondBackwardError",

@@ -49,23 +49,19 @@ def apply_optimizer_in_backward(
     """
     check_supported_optimizer(optimizer_class, optimizer_kwargs)
     params = list(params)
-    for param in params:
+    for index, param in enumerate(params):
         if not isinstance(param, torch.Tensor) or not param.is_leaf:
+            what = "a tensor computed from others, not a leaf" if isinstance(param, torch.Tensor) else "not a tensor"
             raise TypeError(
-                f"apply_optimizer_in_backward: expected leaf parameters, got {type(param).__name__}"
-                f"{'' if not isinstance(param, torch.Tensor) else ' (not a leaf)'}; pass model.parameters()."
+                f"apply_optimizer_in_backward({optimizer_class.__name__}, ...): params[{index}] is {what} "
+                f"({type(param).__name__}); pass the model's own parameters, e.g. model.parameters(). "
+                "No parameter was set up."
             )
-    for param in params:
-        _apply_to_param(optimizer_class, param, optimizer_kwargs, register_hook)
-
-
-def _apply_to_param(
-    optimizer_class: type[torch.optim.Optimizer],
-    param: torch.nn.Parameter,
-    optimizer_kwargs: dict[str, Any],
-    register_hook: bool,
-) -> None:
-    _add_optimizer(param, optimizer_class([param], **optimizer_kwargs), optimizer_kwargs, register_hook)
+    # Every optimizer is made before any parameter is touched, so that torch's own checks
+    # of optimizer_kwargs (and of each parameter) raise with nothing set up.
+    optimizers = [optimizer_class([param], **optimizer_kwargs) for param in params]
+    for param, optimizer in zip(params, optimizers):
+        _add_optimizer(param, optimizer, optimizer_kwargs, register_hook)
 
 
 def _add_optimizer(
@@ -119,7 +115,10 @@ def attach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     check_supported_optimizer(type(optimizer), {})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if any(optimizer in getattr(p, "_in_backward_optimizers", []) for p in params):
-        raise ValueError(f"{type(optimizer).__name__} is already attached; call fx_optim_pass.detach first")
+        raise ValueError(
+            f"{type(optimizer).__name__} is already attached (its update already runs in the backward); "
+            "attach it once, or call fx_optim_pass.detach(optimizer) first."
+        )
     for group in optimizer.param_groups:
         kwargs = {k: v for k, v in group.items() if k != "params"}
         for param in group["params"]:

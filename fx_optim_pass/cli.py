@@ -98,10 +98,16 @@ def _load_model(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
-        raise UsageError(f"cannot import {module_name!r}: {type(error).__name__}: {error}") from error
+        raise UsageError(
+            f"cannot import {module_name!r}: {type(error).__name__}: {error}; "
+            "run from the folder that holds it, or put that folder on PYTHONPATH"
+        ) from error
     factory = getattr(module, factory_name, None)
     if not callable(factory):
-        raise UsageError(f"{module_name!r} has no function {factory_name!r}")
+        raise UsageError(
+            f"{module_name!r} has no function {factory_name!r}; pass module:factory, where factory() returns "
+            "(model, example_args)"
+        )
     result = factory()
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise UsageError(f"{spec} must return (model, example_args), got {type(result).__name__}")

@@ -48,7 +48,6 @@ from fx_optim_pass.testing import normalize_graph
 __all__ = [
     "DoubleBackwardError",
     "GraphObserver",
-    "OptimizerChangedError",
     "PartialGradientError",
     "SecondBackwardError",
     "ShardedStateError",
@@ -61,10 +60,6 @@ DEFAULT_BUCKET_CAP_MB = 25.0
 """DistributedDataParallel's default ``bucket_cap_mb``."""
 GraphObserver = Callable[[str, fx.GraphModule], None]
 """Called with ("joint_before" | "joint" | "forward" | "backward" | "inference", graph)."""
-
-
-class OptimizerChangedError(RuntimeError):
-    """An in-backward optimizer changed in a way the compiled graph cannot honour."""
 
 
 def make_backend(
@@ -138,11 +133,12 @@ def _compile(
     # optimizers, and compiled again for a combination not seen before.
     pristine = _torch_compat.copy_dynamo_graph(gm, [])
     plan = build_plan(gm, example_inputs, group)
+    names = [_input_name(node) for node in gm.graph.find_nodes(op="placeholder")]
     variants = {plan.signature(): _compile_variant(gm, example_inputs, plan, compiler, observe)}
     static_shapes = all(isinstance(x, torch.Tensor) for x in example_inputs)
 
     def run_compiled_step(*args: Any) -> Any:
-        key: Any = runtime_signature(args)
+        key: Any = runtime_signature(args, names)
         variant = variants.get(key)
         if variant is None and not static_shapes:
             # A variant compiled here sees this call's sizes only (the graph's symbolic
@@ -301,9 +297,9 @@ def _guard_backward(
         if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
             raise DoubleBackwardError(
                 f"backward(create_graph=True) reached a compiled graph that updates {len(names)} parameter(s) "
-                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) with their in-backward optimizers. "
-                "Compute higher-order gradients without in-backward optimizers (fx_optim_pass.detach, or "
-                "register_hook=False), or call backward() without create_graph."
+                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) with their in-backward optimizers; "
+                "they were not updated. Compute higher-order gradients without in-backward optimizers "
+                "(fx_optim_pass.detach, or register_hook=False), or call backward() without create_graph."
             )
         for other_ref, other_updated in list(_pending_calls):
             other = other_ref()
@@ -312,7 +308,7 @@ def _guard_backward(
                 raise PartialGradientError(
                     f"parameter(s) {', '.join(shared)} get gradient from more than one compiled call in this "
                     "backward (a graph break between two uses, or several forward calls in one loss); updating "
-                    f"in each call would use a partial gradient. {_FIX}"
+                    f"in each call would use a partial gradient, so they were not updated. {_FIX}"
                 )
         from_eager = [
             name for name, acc in zip(names, accumulate_nodes) if _torch_compat.will_run_in_this_backward(acc)
@@ -386,7 +382,7 @@ def _eager_contribution_error(names: Sequence[str]) -> PartialGradientError:
     return PartialGradientError(
         f"parameter(s) {', '.join(sorted(names))} get gradient from code outside the compiled graph in this "
         "backward (an eager term such as a regularizer, or a use after a graph break), and their in-backward "
-        f"optimizers would update them on the compiled part alone. Nothing was updated. {_FIX} "
+        f"optimizers would update them on the compiled part alone, so they were not updated. {_FIX} "
         "(An eager regularizer belongs inside the compiled function.)"
     )
 
@@ -422,11 +418,11 @@ def _compiled_backward_node(outputs: Any) -> Any:
     return None
 
 
-def runtime_signature(args: Sequence[Any]) -> tuple[Any, ...]:
-    """What decides the rewritten graph, read off the parameters of one call."""
+def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[Any, ...]:
+    """What decides the rewritten graph, read off the parameters of one call (``names``: the inputs' names)."""
     return tuple(
-        (index, tuple((type(opt), compiled_setup(opt, arg)) for opt in arg._in_backward_optimizers))  # type: ignore[attr-defined]
-        for index, arg in enumerate(args)
+        (index, tuple((type(opt), compiled_setup(opt, arg, name)) for opt in arg._in_backward_optimizers))  # type: ignore[attr-defined]
+        for index, (arg, name) in enumerate(zip(args, names))
         if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)
     )
 
@@ -444,6 +440,12 @@ def _extra_input_names(plan: UpdatePlan) -> list[str]:
     return names
 
 
+def _input_name(placeholder: fx.Node) -> str:
+    """A graph input's name for users: the parameter's qualified name (``0.weight``) where known."""
+    source = _torch_compat.parameter_source_name(placeholder)
+    return (_torch_compat.qualified_name_from_source(source) if source else "") or placeholder.name
+
+
 def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataParallelSpec | None = None) -> UpdatePlan:
     """Find the parameters with in-backward optimizers among the graph's inputs (and, data
     parallel, every parameter whose gradient is averaged over ``group``)."""
@@ -454,16 +456,15 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not (isinstance(value, torch.Tensor) and value.requires_grad):
             continue
-        source = _torch_compat.parameter_source_name(node)
-        name = _torch_compat.qualified_name_from_source(source) if source else node.name
+        name = _input_name(node)
         in_backward = updates_in_backward(value)
         shard = None
         if group is not None and group.shard_optimizer_state and in_backward:
             shard = GradientShard(group, value.numel())  # reduce-scattered instead of all-reduced
             for opt in value._in_backward_optimizers:  # type: ignore[attr-defined]
-                check_shardable(type(opt), name or node.name)
+                check_shardable(type(opt), name)
         elif group is not None and (in_backward or isinstance(value, torch.nn.Parameter)):
-            averaged.append((index, name or node.name))
+            averaged.append((index, name))
         if not in_backward:
             continue
         shard_numel = None if shard is None else shard.shard_numel
@@ -472,7 +473,7 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
         for step in steps:
             step_inputs.append(tuple(range(next_input, next_input + step.num_inputs)))
             next_input += step.num_inputs
-        params.append(ParamUpdate(index, name or node.name, steps, tuple(step_inputs), shard))
+        params.append(ParamUpdate(index, name, steps, tuple(step_inputs), shard))
     all_reduce = None if group is None else GradientAllReduce(group, tuple(averaged))
     return UpdatePlan(tuple(params), len(example_inputs), all_reduce)
 

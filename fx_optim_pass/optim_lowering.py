@@ -120,6 +120,12 @@ class UnsupportedOptimizerError(TypeError):
 
 def check_supported_optimizer(optimizer_class: type, optimizer_kwargs: dict[str, Any]) -> None:
     """Reject, before any parameter changes, optimizers that cannot be traced."""
+    if isinstance(optimizer_class, torch.optim.Optimizer):
+        raise UnsupportedOptimizerError(
+            f"apply_optimizer_in_backward: got an optimizer instance ({type(optimizer_class).__name__}), not a "
+            f"torch.optim.Optimizer subclass; pass the class itself ({type(optimizer_class).__name__}), or run this "
+            "existing optimizer in the backward with fx_optim_pass.attach(optimizer)."
+        )
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise UnsupportedOptimizerError(
             f"apply_optimizer_in_backward: {optimizer_class!r} is not a torch.optim.Optimizer subclass; "
@@ -280,8 +286,8 @@ def _state_from_constructor(
     return dict(fresh.state.get(param, {}))
 
 
-def param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
-    """The param group of ``optimizer`` that holds ``param``."""
+def param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str = "") -> dict[str, Any]:
+    """The param group of ``optimizer`` that holds ``param`` (called ``param_name`` in errors)."""
     groups = optimizer.param_groups
     if len(groups) == 1:  # the usual case, and every optimizer apply_optimizer_in_backward makes
         return groups[0]
@@ -290,8 +296,11 @@ def param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[s
         _group_index[optimizer] = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         index = _group_index[optimizer].get(id(param))
         if index is None:
+            what = f"parameter {param_name!r}" if param_name else f"a parameter of shape {tuple(param.shape)}"
             raise UnsupportedOptimizerError(
-                f"{type(optimizer).__name__} does not hold this parameter (was it removed from its param groups?)"
+                f"{type(optimizer).__name__} runs in the backward for {what} but no longer holds it in its "
+                "param_groups. Nothing was updated. Call fx_optim_pass.detach(optimizer) before changing its "
+                "param groups, then fx_optim_pass.attach(optimizer) again."
             )
     return groups[index]
 
@@ -326,13 +335,15 @@ def takes_tensor_lr(group: dict[str, Any], param: torch.Tensor) -> bool:
     return isinstance(group["lr"], torch.Tensor) or param.dtype == torch.float64
 
 
-def compiled_setup(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[tuple[str, Any], ...]:
+def compiled_setup(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str = ""
+) -> tuple[tuple[str, Any], ...]:
     """What of ``param``'s group is compiled into the graph: every value that is not a
     run-time float, and for run-time floats the side of each landmark they lie on.
 
     Asked for every parameter at every call, so it is memoized on the values it is
     made from (a change of ``lr`` alone, the common one, reuses it)."""
-    group = param_group(optimizer, param)
+    group = param_group(optimizer, param, param_name)
     try:
         key = (
             type(optimizer),
@@ -461,6 +472,7 @@ def describe_step(
     ``shard_numel`` the update is described for a flat shard of that many elements.
     """
     name = type(optimizer).__name__
+    group = param_group(optimizer, param, param_name)
     # A shape environment turns .item() into a run-time symbol instead of an error.
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fake_param: torch.Tensor
@@ -471,11 +483,11 @@ def describe_step(
             fake_param = torch.empty(shard_numel, dtype=param.dtype, device=param.device)
     init_shadow = _shadow_optimizer(optimizer, param, _TRACE_FLAG_CHOICES[0])
     init_shadow.param_groups[0]["params"] = [fake_param]
-    runtime = runtime_hyperparameters(param_group(optimizer, param))
+    runtime = runtime_hyperparameters(group)
     with fake_mode:
         initialize_state(init_shadow, fake_param)
-        lr = param_group(optimizer, param)["lr"]
-        lr_is_tensor = takes_tensor_lr(param_group(optimizer, param), param)
+        lr = group["lr"]
+        lr_is_tensor = takes_tensor_lr(group, param)
         fake_lr: torch.Tensor
         if isinstance(lr, torch.Tensor):
             fake_lr = fake_mode.from_tensor(lr)
@@ -495,7 +507,9 @@ def describe_step(
         if not isinstance(value, torch.Tensor):
             raise UnsupportedOptimizerError(
                 f"{name} on parameter {param_name!r}: state {key!r} is a {type(value).__name__}, "
-                "not a tensor, so it cannot live in the compiled graph."
+                "not a tensor, so it cannot live in the compiled graph. Keep optimizer state in tensors "
+                "(e.g. torch.tensor(0.0) for a step count), or leave this parameter out of "
+                "apply_optimizer_in_backward."
             )
 
     # Some of torch's code reads tensors as numbers (a user's tensor lr in SGD's
@@ -525,7 +539,7 @@ def describe_step(
             chosen = (shadow, after)
             break
     if chosen is None:
-        assert error is not None
+        assert error is not None, "no trace was tried: this is a bug in fx_optim_pass, please report it"
         raise error
     shadow, after = chosen
     created = tuple(
@@ -533,7 +547,7 @@ def describe_step(
         for key, value in after.items()
         if key not in state and isinstance(value, torch.Tensor)
     )
-    setup = compiled_setup(optimizer, param)
+    setup = compiled_setup(optimizer, param, param_name)
     return OptimizerStep(type(optimizer), setup, runtime, tuple(state), created, lr_is_tensor, shadow)
 
 
@@ -575,7 +589,8 @@ def runtime_scalar_reads(graph: fx.GraphModule, name: str, param_name: str) -> i
                 raise UnsupportedOptimizerError(
                     f"{name}.step() on parameter {param_name!r} reads a tensor as a Python number "
                     "(.item()) whose value would be frozen into the compiled graph. "
-                    "Use an optimizer configuration whose update stays in tensors."
+                    "Use an optimizer configuration whose update stays in tensors, or leave this parameter "
+                    "out of apply_optimizer_in_backward."
                 )
             reads += 1
     return reads

@@ -211,11 +211,20 @@ def inspect(
 
     try:
         eager_step()
+    except InspectError:
+        raise
     except Exception as error:
-        raise InspectError(f"the example inputs do not fit the model: {_first_line(error)}") from error
+        raise InspectError(
+            f"the example inputs do not fit the model: {_first_line(error)}. "
+            "Pass inputs the model accepts: inspect(model, *args, **kwargs) runs model(*args, **kwargs)."
+        ) from error
     codes = _torch_compat.run_and_get_code(fx_step)
     if "joint" not in graphs:
-        raise InspectError("the compiled step updated no parameter: does the output depend on the parameters?")
+        raise InspectError(
+            "the compiled step updated no parameter: the output does not depend on any trainable parameter "
+            "with an in-backward optimizer. Unfreeze them (requires_grad=True) or pass a model whose output "
+            "is computed from its parameters."
+        )
     device = next(subject.parameters()).device
     fx_curve = profile_step_memory(fx_step, device)
     eager_curve = profile_step_memory(eager_step, device)
@@ -270,7 +279,10 @@ def _eager_reference(subject: torch.nn.Module) -> tuple[torch.nn.Module, list[to
 def _loss(output: Any) -> torch.Tensor:
     tensors = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not tensors:
-        raise InspectError("the model's output does not require grad: nothing to train")
+        raise InspectError(
+            "the model's output does not require grad: nothing to train. Make sure some parameters have "
+            "requires_grad=True and the forward does not run under torch.no_grad()."
+        )
     return sum(t.float().sum() for t in tensors)  # type: ignore[return-value]
 
 

@@ -77,13 +77,6 @@ def test_detach_returns_to_ordinary_stepping_with_the_same_state(device):
         assert_params_close(model.parameters(), reference.parameters())
 
 
-def test_attach_twice_is_refused():
-    _, groups = model_and_groups("cpu")
-    opt = fop.attach(torch.optim.SGD(groups, lr=0.1))
-    with pytest.raises(ValueError, match="already attached"):
-        fop.attach(opt)
-
-
 def test_parameter_added_after_compiling_gets_an_ordinary_gradient_and_step():
     """A group grown after attach() holds a parameter that is not in the backward: it steps as usual."""
     model, opt, reference, ref_opt = make("cpu")

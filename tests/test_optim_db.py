@@ -14,7 +14,7 @@ from fx_optim_pass import _torch_compat
 from tests.helpers import train_side_by_side
 
 STEPS = 5
-# Need a closure or sparse gradients: refused at setup (see test_bad_input.py), as is
+# Need a closure or sparse gradients: refused at setup (see test_error_messages.py), as is
 # Adafactor before torch 2.13 (its compiled update did not match eager on 2.11).
 NOT_PER_PARAMETER = {"LBFGS", "SparseAdam"} | (set() if _torch_compat.TRACES_ADAFACTOR else {"Adafactor"})
 
