@@ -244,8 +244,8 @@ class PartialGradientError(RuntimeError):
 _GRAD_ANCHOR = torch.zeros((), requires_grad=True)
 
 # Compiled calls whose backward has not run yet: (their backward node, weakly; the ids
-# of the parameters they update; those parameters' names).
-_pending_calls: list[tuple[weakref.ref[Any], dict[int, str]]] = []
+# of the parameters they update, with their names; those parameters' AccumulateGrad nodes).
+_pending_calls: list[tuple[weakref.ref[Any], dict[int, str], list[Any]]] = []
 
 # Each updated parameter's AccumulateGrad node, held so that it stays the node eager
 # uses of the parameter link to (autograd caches it only weakly), with our pre-hook.
@@ -269,11 +269,8 @@ def _guard_backward(
 
     - no create_graph=True: a higher-order gradient would differentiate through the
       update, and AOTAutograd cannot build it with the update's in-place writes;
-    - no other compiled call that updates one of the same parameters runs in this
-      backward: each would update on its own part of the gradient (a graph break
-      between two uses of a weight, or two forward calls summed into one loss);
-    - no eager code sends gradient to one of these parameters in this backward (their
-      AccumulateGrad node runs): the update would miss that part.
+    - ``_refuse_partial_gradients`` for every compiled call of this backward, this one
+      included: the first compiled backward to run refuses before any of them updates.
 
     The same check runs before an updated parameter's AccumulateGrad node, for when the
     eager part arrives first. ``installs`` run after the compiled backward.
@@ -286,9 +283,8 @@ def _guard_backward(
         return
     updated = {id(p): name for p, name in zip(params, names)}
     _pending_calls[:] = [entry for entry in _pending_calls if entry[0]() is not None]
-    entry = (weakref.ref(node), updated)
+    entry = (weakref.ref(node), updated, [_watched_accumulate_grad_node(p) for p in params])
     _pending_calls.append(entry)
-    accumulate_nodes = [_watched_accumulate_grad_node(p) for p in params]
     written = [*params, *optimizer_inputs]
     saved_versions: list[int] = []  # of ``written``, when a backward retained the graph
     counted_on: list[int] = []  # of ``written``, before another backward set them back
@@ -301,21 +297,8 @@ def _guard_backward(
                 "they were not updated. Compute higher-order gradients without in-backward optimizers "
                 "(fx_optim_pass.detach, or register_hook=False), or call backward() without create_graph."
             )
-        for other_ref, other_updated in list(_pending_calls):
-            other = other_ref()
-            shared = sorted(updated[i] for i in updated.keys() & other_updated.keys())
-            if other is not None and other is not node and shared and _torch_compat.will_run_in_this_backward(other):
-                raise PartialGradientError(
-                    f"parameter(s) {', '.join(shared)} get gradient from more than one compiled call in this "
-                    "backward (a graph break between two uses, or several forward calls in one loss); updating "
-                    f"in each call would use a partial gradient, so they were not updated. {_FIX}"
-                )
-        from_eager = [
-            name for name, acc in zip(names, accumulate_nodes) if _torch_compat.will_run_in_this_backward(acc)
-        ]
-        if from_eager:
-            raise _eager_contribution_error(from_eager)
-        if entry in _pending_calls:
+        _refuse_partial_gradients()
+        if entry in _pending_calls and not _torch_compat.retains_graph():
             _pending_calls.remove(entry)
         if saved_versions:  # an earlier backward through this graph retained it
             counted_on[:] = _allow_another_update(written, saved_versions, names, installs, read_by_backward)
@@ -378,11 +361,47 @@ def _allow_another_update(
     return counted_on
 
 
+def _refuse_partial_gradients() -> None:
+    """Raise before any compiled call of the running backward updates, if one of them would
+    update on a partial gradient:
+
+    - two compiled calls update the same parameter: each would update on its own part of
+      the gradient (a graph break between two uses of a weight, or two forward calls
+      summed into one loss);
+    - eager code also sends gradient to an updated parameter (its AccumulateGrad node
+      runs): the update would miss that part.
+    """
+    running = [
+        (updated, accumulate_nodes)
+        for node_ref, updated, accumulate_nodes in _pending_calls
+        if (node := node_ref()) is not None and _torch_compat.will_run_in_this_backward(node)
+    ]
+    seen: set[int] = set()
+    shared: set[str] = set()
+    for updated, _ in running:
+        shared.update(name for param_id, name in updated.items() if param_id in seen)
+        seen.update(updated)
+    if shared:
+        raise PartialGradientError(
+            f"parameter(s) {', '.join(sorted(shared))} get gradient from more than one compiled call in this "
+            "backward (a graph break between two uses, or several forward calls in one loss); updating in each "
+            f"call would use a partial gradient. Nothing was updated. {_FIX}"
+        )
+    from_eager = [
+        name
+        for updated, accumulate_nodes in running
+        for name, node in zip(updated.values(), accumulate_nodes)
+        if _torch_compat.will_run_in_this_backward(node)
+    ]
+    if from_eager:
+        raise _eager_contribution_error(from_eager)
+
+
 def _eager_contribution_error(names: Sequence[str]) -> PartialGradientError:
     return PartialGradientError(
         f"parameter(s) {', '.join(sorted(names))} get gradient from code outside the compiled graph in this "
         "backward (an eager term such as a regularizer, or a use after a graph break), and their in-backward "
-        f"optimizers would update them on the compiled part alone, so they were not updated. {_FIX} "
+        f"optimizers would update them on the compiled part alone. Nothing was updated. {_FIX} "
         "(An eager regularizer belongs inside the compiled function.)"
     )
 
@@ -397,7 +416,7 @@ def _watched_accumulate_grad_node(param: torch.Tensor) -> Any:
     param_id = id(param)
 
     def refuse_if_also_compiled(*_unused: Any) -> None:
-        for call_ref, updated in list(_pending_calls):
+        for call_ref, updated, _ in list(_pending_calls):
             call = call_ref()
             if call is not None and param_id in updated and _torch_compat.will_run_in_this_backward(call):
                 raise _eager_contribution_error([updated[param_id]])

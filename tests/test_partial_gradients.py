@@ -47,6 +47,24 @@ def test_two_forward_calls_in_one_loss_are_refused(device):
     assert_params_close(model.parameters(), before)
 
 
+def test_a_call_whose_backward_runs_before_the_refused_one_is_not_updated_either(device):
+    """The head's compiled backward runs first, and is fine on its own; the body's two calls
+    split their parameters' gradient. The head's check already refuses: nothing changes."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(4, 4).to(device), nn.Linear(4, 2).to(device)
+    for module in (body, head):
+        fop.apply_optimizer_in_backward(torch.optim.AdamW, module.parameters(), {"lr": 0.1})
+    backend = fop.make_backend(compiler="aot_eager")
+    compiled_body = torch.compile(body, backend=backend, fullgraph=True)
+    compiled_head = torch.compile(head, backend=backend, fullgraph=True)
+    before = snapshot([*body.parameters(), *head.parameters()])
+    x, y = torch.randn(3, 4, device=device), torch.randn(3, 4, device=device)
+    loss = compiled_head(compiled_body(x) + compiled_body(y)).sum()
+    with pytest.raises(fop.PartialGradientError, match=r"weight.*more than one compiled call.*Nothing was updated"):
+        loss.backward()
+    assert_params_close([*body.parameters(), *head.parameters()], before)
+
+
 def test_a_pending_call_outside_this_backward_is_not_a_partial_gradient(device):
     torch.manual_seed(0)
     model = nn.Linear(4, 2).to(device)
