@@ -39,6 +39,7 @@ __all__ = [
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
     "process_group_name",
+    "process_group_store",
     "process_group_timeout",
     "qualified_name_from_source",
     "resolve_group_name",
@@ -587,6 +588,15 @@ def process_group_timeout(group: Any) -> Any:
         except (AttributeError, RuntimeError):
             continue
     return None
+
+
+def process_group_store(group: Any) -> Any:
+    """The key-value store (a ``torch.distributed.Store``) through which ``group``'s ranks met,
+    or ``None`` where torch does not say; keys set in it are seen by every rank of ``group``."""
+    from torch.distributed.distributed_c10d import _world
+
+    entry = _world.pg_map.get(group)
+    return None if entry is None else entry[1]
 
 
 def run_on_fake(fn: Callable[..., Any], *fake_args: Any) -> Any:

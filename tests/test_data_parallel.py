@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from torch import nn
 
 import fx_optim_pass as fop
 from fx_optim_pass import _torch_compat
-from fx_optim_pass.distributed import collective_error
+from fx_optim_pass.distributed import collective_error, data_parallel_spec
 from fx_optim_pass.passes.all_reduce_grads import ALL_REDUCE_META_KEY
 from fx_optim_pass.passes.insert_updates import PASS_META_KEY
 from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, UpdatePlan
@@ -119,7 +120,8 @@ def test_model_wrapped_in_ddp_is_refused(two_ranks):
 
 def test_a_rank_that_dies_mid_training_does_not_hang_the_others(two_ranks):
     """Rank 0's next backward fails within seconds with a CollectiveError naming the group,
-    rank 0 and the process group's timeout, chained to gloo's error."""
+    rank 0, the dead rank 1 (found by a roll call in the group's store) and the process
+    group's timeout, chained to gloo's error."""
     _check(two_ranks, "rank-dies")
 
 
@@ -303,3 +305,12 @@ def test_collective_failures_name_this_rank_and_the_peer_where_the_backend_does(
     assert "The backend names rank 1 as the peer" in str(collective_error(nccl, spec))
     assert collective_error(ValueError("Connection closed"), spec) is None  # not a backend error
     assert collective_error(RuntimeError("shape mismatch in mm"), spec) is None
+
+
+def test_collective_failure_names_the_ranks_that_do_not_answer_in_the_store(one_rank):
+    # A one-rank group, told it has three ranks: ranks 1 and 2 never write their keys.
+    spec = replace(data_parallel_spec(None), world_size=3)
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6067")
+    error = collective_error(gloo, spec)
+    assert error is not None
+    assert "Ranks 1, 2 did not answer within 2 s (died or hung)." in str(error), error
