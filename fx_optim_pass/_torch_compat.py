@@ -42,6 +42,7 @@ __all__ = [
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
     "process_group_name",
+    "process_group_store",
     "process_group_timeout",
     "qualified_name_from_source",
     "resolve_group_name",
@@ -404,11 +405,14 @@ def compile_inductor(
     use_caches: bool = True,
     bucket_all_reduces_mb: float | None = None,
     updates_parameters: bool = True,
+    overlap_collectives: bool = False,
 ) -> Callable[..., Any]:
     """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``.
 
     With ``bucket_all_reduces_mb``, Inductor's own post-grad pass merges adjacent
-    all-reduces (dependencies respected) into buckets of up to that many MiB. With
+    all-reduces (dependencies respected) into buckets of up to that many MiB (the first
+    bucket at most 1 MiB, as DDP does). With ``overlap_collectives``, Inductor's scheduler
+    moves each collective's wait later, past independent compute (see ``_comm_overlap``). With
     ``updates_parameters``, Inductor's layout optimization is off: for a conv it hands
     the backward a channels-last copy of the weight in place of the parameter, and the
     update's ``copy_`` would write into that copy (the parameter never changes).
@@ -427,6 +431,8 @@ def compile_inductor(
     # compile_fx applies config_patches to the backward too, which AOTAutograd may
     # compile later, outside any `with config.patch(...)` around this call.
     patches: dict[str, Any] = {"joint_custom_post_pass": chained, **_bucketing(bucket_all_reduces_mb)}
+    if overlap_collectives:
+        patches.update(_comm_overlap())
     if updates_parameters:
         patches["layout_optimization"] = False
     if not use_caches:  # a cache hit would skip the passes and graphs being observed
@@ -445,7 +451,7 @@ def _bucketing(cap_mb: float | None) -> dict[str, Any]:
     if cap_mb is None:
         return {}
     # A picklable determinator: it is part of Inductor's cache key.
-    determinator = functools.partial(_constant_bucket_cap, cap_mb)
+    determinator = functools.partial(_ddp_bucket_cap, cap_mb)
     patches: dict[str, Any] = {}
     for collective in ("all_reduces", "reduce_scatters", "all_gathers"):
         if hasattr(config, f"bucket_{collective}_fx"):
@@ -454,8 +460,36 @@ def _bucketing(cap_mb: float | None) -> dict[str, Any]:
     return patches
 
 
-def _constant_bucket_cap(cap_mb: float, bucket_index: int) -> float:
-    return cap_mb
+# DDP's first bucket (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES): small, so that the
+# first collective starts early in the backward and overlaps the rest of it.
+_FIRST_BUCKET_MB = 1.0
+
+
+def _ddp_bucket_cap(cap_mb: float, bucket_index: int) -> float:
+    return min(cap_mb, _FIRST_BUCKET_MB) if bucket_index == 0 else cap_mb
+
+
+def _comm_overlap() -> dict[str, Any]:
+    """Inductor config for its scheduler passes that overlap collectives with compute.
+
+    Our joint pass already defers each wait past later gradients' compute, but Inductor's
+    scheduler reorders and fuses nodes (an update fused into the next layer's kernel pulls
+    the wait back up), and bucketing puts each bucket's wait right after its issue. These
+    passes, run on the final scheduler nodes, raise collectives and sink waits without
+    raising peak memory: the list config.py recommends. With torch 2.13 they keep parity
+    with DDP (``tests/test_data_parallel.py``). On CPU every runtime estimate is 0, so the
+    order follows from the graph alone and every rank issues its collectives in the same order.
+    """
+    from torch._inductor import config
+
+    if not hasattr(config, "reorder_for_compute_comm_overlap_passes"):
+        return {}
+    passes = [
+        "reorder_communication_preserving_peak_memory",
+        "sink_waits_iterative",
+        "reorder_communication_preserving_peak_memory",
+    ]
+    return {"reorder_for_compute_comm_overlap": True, "reorder_for_compute_comm_overlap_passes": passes}
 
 
 class _ChainedPass(CustomGraphPass):
@@ -603,6 +637,15 @@ def process_group_timeout(group: Any) -> Any:
         except (AttributeError, RuntimeError):
             continue
     return None
+
+
+def process_group_store(group: Any) -> Any:
+    """The key-value store (a ``torch.distributed.Store``) through which ``group``'s ranks met,
+    or ``None`` where torch does not say; keys set in it are seen by every rank of ``group``."""
+    from torch.distributed.distributed_c10d import _world
+
+    entry = _world.pg_map.get(group)
+    return None if entry is None else entry[1]
 
 
 def run_on_fake(fn: Callable[..., Any], *fake_args: Any) -> Any:

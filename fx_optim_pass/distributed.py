@@ -6,7 +6,10 @@ every rank raises the same error, so no rank is left waiting in a later collecti
 
 from __future__ import annotations
 
+import itertools
 import re
+import time
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -62,13 +65,48 @@ def collective_error(error: Exception, spec: DataParallelSpec) -> CollectiveErro
     group = _torch_compat_group(spec.group_name)
     timeout = _torch_compat.process_group_timeout(group) if group is not None else None
     global_rank = dist.get_rank() if dist.is_initialized() else spec.rank
+    silent = _roll_call(group, spec) if group is not None else ""
     return CollectiveError(
         f"a collective in the compiled backward failed on rank {spec.rank} of process group {spec.group_name!r} "
-        f"({spec.world_size} ranks; global rank {global_rank}): {first_sentence}.{peer} Another rank of the group has "
-        "probably died or stalled: check its log. Each collective waits at most the process group's timeout "
+        f"({spec.world_size} ranks; global rank {global_rank}): {first_sentence}.{peer}{silent} Another rank of the "
+        "group has probably died or stalled: check its log. Each collective waits at most the process group's timeout "
         f"({timeout if timeout is not None else 'unknown'}; set it with init_process_group(timeout=...)). "
         "Parameters updated before the failure stay updated: restart all ranks from a checkpoint."
     )
+
+
+# How long a rank whose collective failed waits for the group's other ranks to report in.
+ROLL_CALL_S = 2.0
+_roll_calls = itertools.count()  # one set of keys per failure this process meets
+
+
+def _roll_call(group: Any, spec: DataParallelSpec) -> str:
+    """On a failed collective only: which ranks of ``group`` are gone, as a sentence.
+
+    Every rank that meets the failure writes ``fx_optim_pass/alive/<n>/<rank>`` into the
+    group's store (the one its ranks met through, which torchrun's agent hosts), then
+    waits at most ``ROLL_CALL_S`` for the others' keys; a rank whose key is missing died
+    or hangs. Costs nothing until a collective fails.
+    """
+    store = _torch_compat.process_group_store(group)
+    if store is None:
+        return ""
+    prefix = f"fx_optim_pass/alive/{next(_roll_calls)}/"
+    try:
+        store = store.clone()  # its own timeout, so that a dead store host cannot block us longer
+        store.set_timeout(timedelta(seconds=ROLL_CALL_S))
+        store.set(f"{prefix}{spec.rank}", "alive")
+        silent = [rank for rank in range(spec.world_size) if rank != spec.rank]
+        deadline = time.monotonic() + ROLL_CALL_S
+        while silent and time.monotonic() < deadline:
+            time.sleep(0.05)
+            silent = [rank for rank in silent if not store.check([f"{prefix}{rank}"])]
+    except (RuntimeError, ValueError) as error:  # the store is gone too (its host died)
+        return f" Which rank failed is unknown: the process group's store did not answer ({error})."
+    if not silent:
+        return f" Every rank of the group answered within {ROLL_CALL_S:g} s after the failure: none has died."
+    ranks = ", ".join(map(str, silent))
+    return f" Rank{'s' if len(silent) > 1 else ''} {ranks} did not answer within {ROLL_CALL_S:g} s (died or hung)."
 
 
 def _torch_compat_group(group_name: str) -> Any:

@@ -187,6 +187,7 @@ def surviving_rank_fails_fast(results: dict[str, str]) -> None:
         message = str(error)
         assert "failed on rank 0 of process group" in message and "(2 ranks; global rank 0)" in message, message
         assert "timeout (0:00:30;" in message, message  # init_process_group(timeout=30 s) below
+        assert "Rank 1 did not answer within 2 s (died or hung)" in message, message
         assert error.__cause__ is not None, "the backend's own error is not chained"
         print(f"rank 0 got: {message}", file=sys.stderr)
     else:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 import fx_optim_pass as fop
-from fx_optim_pass.distributed import collective_error
+from fx_optim_pass import _torch_compat
+from fx_optim_pass.distributed import collective_error, data_parallel_spec
 from fx_optim_pass.passes.all_reduce_grads import ALL_REDUCE_META_KEY
 from fx_optim_pass.passes.insert_updates import PASS_META_KEY
 from fx_optim_pass.plan import DataParallelSpec, GradientAllReduce, UpdatePlan
@@ -117,7 +120,8 @@ def test_model_wrapped_in_ddp_is_refused(two_ranks):
 
 def test_a_rank_that_dies_mid_training_does_not_hang_the_others(two_ranks):
     """Rank 0's next backward fails within seconds with a CollectiveError naming the group,
-    rank 0 and the process group's timeout, chained to gloo's error."""
+    rank 0, the dead rank 1 (found by a roll call in the group's store) and the process
+    group's timeout, chained to gloo's error."""
     _check(two_ranks, "rank-dies")
 
 
@@ -178,6 +182,56 @@ def test_each_gradient_is_all_reduced_right_before_its_update_in_the_backward(on
     reference(x).pow(2).mean().backward()
     reference_opt.step()
     assert_params_close(model.parameters(), reference.parameters())
+
+
+def _three_layers() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+    return model
+
+
+def test_all_reduces_are_in_flight_while_earlier_layers_gradients_are_computed(one_rank):
+    model = _three_layers()
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    backend = fop.data_parallel(model, compiler="aot_eager", observer=lambda kind, gm: graphs.setdefault(kind, gm))
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(4, 6)).sum().backward()
+
+    nodes = list(graphs["backward"].graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    overlapped = {}
+    for wait in (n for n in nodes if n.meta.get(ALL_REDUCE_META_KEY, ("", ""))[1] == "wait"):
+        issue = wait.args[0]
+        between = nodes[position[issue] + 1 : position[wait]]
+        overlapped[wait.meta[ALL_REDUCE_META_KEY][0]] = [
+            n.name for n in between if n.target is torch.ops.aten.mm.default
+        ]
+    # The last layer's weight gradient is all-reduced while the two earlier layers' gradients are
+    # computed (grad input, then weight gradient: two matmuls each).
+    assert len(overlapped["4.weight"]) >= 2, overlapped
+    # The first layer's gradients come last: nothing is left to overlap with.
+    assert overlapped["0.weight"] == [] and overlapped["0.bias"] == [], overlapped
+
+
+def test_inductor_keeps_matmuls_between_an_all_reduce_and_its_wait(one_rank):
+    model = _three_layers()
+    backend = fop.data_parallel(model, bucket_cap_mb=None)  # one all-reduce per gradient
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    code = _torch_compat.run_and_get_code(lambda: compiled(torch.randn(4, 6)).sum().backward())[-1]
+
+    lines = [line.strip() for line in code.splitlines()]
+    issued = {
+        m.group(1): i for i, line in enumerate(lines) if (m := re.match(r".*all_reduce_\.default\((.*), 'avg'", line))
+    }
+    waited = {
+        m.group(1): i for i, line in enumerate(lines) if (m := re.match(r".*wait_tensor\.default\((.*)\)$", line))
+    }
+    assert len(issued) == 6 and issued.keys() == waited.keys(), (issued, waited)
+    matmuls_in_flight = {
+        buffer: sum("extern_kernels.mm(" in line for line in lines[issued[buffer] : waited[buffer]])
+        for buffer in issued
+    }
+    assert max(matmuls_in_flight.values()) >= 2, matmuls_in_flight
 
 
 def test_sharded_update_runs_between_reduce_scatter_and_all_gather_in_the_backward(one_rank):
@@ -251,3 +305,12 @@ def test_collective_failures_name_this_rank_and_the_peer_where_the_backend_does(
     assert "The backend names rank 1 as the peer" in str(collective_error(nccl, spec))
     assert collective_error(ValueError("Connection closed"), spec) is None  # not a backend error
     assert collective_error(RuntimeError("shape mismatch in mm"), spec) is None
+
+
+def test_collective_failure_names_the_ranks_that_do_not_answer_in_the_store(one_rank):
+    # A one-rank group, told it has three ranks: ranks 1 and 2 never write their keys.
+    spec = replace(data_parallel_spec(None), world_size=3)
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6067")
+    error = collective_error(gloo, spec)
+    assert error is not None
+    assert "Ranks 1, 2 did not answer within 2 s (died or hung)." in str(error), error
