@@ -26,6 +26,7 @@ __all__ = [
     "MUST_BE_IN_BACKWARD",
     "CustomGraphPass",
     "accumulate_grad_node",
+    "accumulate_grad_variable",
     "all_reduce_ops",
     "compile_aot_eager",
     "compile_inductor",
@@ -518,6 +519,11 @@ def _torch_hook_map() -> Any:
     from torch.distributed.optim import apply_optimizer_in_backward as torch_impl
 
     return torch_impl.param_to_optim_hook_handle_map
+
+
+def accumulate_grad_variable(node: Any) -> torch.Tensor:
+    """The leaf tensor an AccumulateGrad node accumulates into (the node holds it)."""
+    return node.variable
 
 
 def hooked_by_torch(param: torch.Tensor) -> bool:

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.api import updates_in_backward
@@ -251,7 +250,7 @@ _pending_calls: list[tuple[weakref.ref[Any], dict[int, str], list[Any]]] = []
 
 # Each updated parameter's AccumulateGrad node, held so that it stays the node eager
 # uses of the parameter link to (autograd caches it only weakly), with our pre-hook.
-_accumulate_grad_nodes = WeakTensorKeyDictionary()
+_accumulate_grad_nodes: dict[int, Any] = {}  # by id(param); each node holds its param
 
 _FIX = (
     "Compile with fullgraph=True, keep every use of the parameter inside the compiled model and call "
@@ -411,11 +410,11 @@ def _eager_contribution_error(names: Sequence[str]) -> PartialGradientError:
 def _watched_accumulate_grad_node(param: torch.Tensor) -> Any:
     """``param``'s AccumulateGrad node, with a pre-hook that refuses its gradient while a
     compiled call that updates ``param`` is still to run in the same backward."""
-    node = _accumulate_grad_nodes.get(param)
-    if node is not None:
+    param_id = id(param)
+    node = _accumulate_grad_nodes.get(param_id)
+    if node is not None and _torch_compat.accumulate_grad_variable(node) is param:
         return node
     node = _torch_compat.accumulate_grad_node(param)
-    param_id = id(param)
 
     def refuse_if_also_compiled(*_unused: Any) -> None:
         for call_ref, updated, _ in list(_pending_calls):
@@ -424,7 +423,7 @@ def _watched_accumulate_grad_node(param: torch.Tensor) -> Any:
                 raise _eager_contribution_error([updated[param_id]])
 
     node.register_prehook(refuse_if_also_compiled)
-    _accumulate_grad_nodes[param] = node
+    _accumulate_grad_nodes[param_id] = node
     return node
 
 
@@ -547,10 +546,11 @@ class RuntimeInputs:
 
     def __init__(self, plan: UpdatePlan) -> None:
         self.plan = plan
-        # Per optimizer, per (group, input name): the value last passed and its tensor.
-        self._scalars: weakref.WeakKeyDictionary[
-            torch.optim.Optimizer, dict[tuple[int, str], tuple[float, torch.Tensor]]
-        ] = weakref.WeakKeyDictionary()
+        # Per optimizer, per (group, input name): the value last passed and its tensor; and
+        # per (group, step): the values last read and the tensors passed for them.
+        self._scalars: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[tuple[int, Any], Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._installs: list[Callable[[], None]] = []
 
     def __call__(self, args: Sequence[Any], *, for_compile: bool = False) -> list[torch.Tensor]:
@@ -576,15 +576,8 @@ class RuntimeInputs:
             initialize_state(optimizer, param, None if shard is None else shard.shard_numel)
         if shard is not None:
             _check_sharded_state(optimizer, state, param_update.name, shard)
-        group = param_group(optimizer, param)
-        inputs = [
-            self._lr(step, optimizer, group, param),
-            *(
-                self._scalar(optimizer, group, h.name, h.read(group), hyperparameter_tensor)
-                for h in step.hyperparameters
-            ),
-            *(state[key] for key in step.state_keys),
-        ]
+        group = param_group(optimizer, param, param_update.name)
+        inputs = [*self._scalar_inputs(step, optimizer, group, param), *(state[key] for key in step.state_keys)]
         if not step.created:
             return inputs
         if all(c.key in state for c in step.created):
@@ -604,6 +597,29 @@ class RuntimeInputs:
         """What the last call must do once its backward ran (see ``_install_created_state``)."""
         installs, self._installs = self._installs, []
         return installs
+
+    def _scalar_inputs(
+        self, step: OptimizerStep, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """``lr`` and the run-time hyperparameters of ``group``, as tensors. Asked for every
+        parameter at every call, so the values of the last call are checked first, at once."""
+        lr = group["lr"]
+        values = [h.read(group) for h in step.hyperparameters]
+        if not isinstance(lr, torch.Tensor):  # a tensor lr is passed as it is
+            values.append(lr)
+        per_optimizer = self._scalars.setdefault(optimizer, {})
+        last = per_optimizer.get((id(group), id(step)))
+        if last is not None and last[0] == values:
+            return last[1]
+        tensors = [
+            self._lr(step, optimizer, group, param),
+            *(
+                self._scalar(optimizer, group, h.name, h.read(group), hyperparameter_tensor)
+                for h in step.hyperparameters
+            ),
+        ]
+        per_optimizer[(id(group), id(step))] = (values, tensors)
+        return tensors
 
     def _lr(self, step: OptimizerStep, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Any) -> Any:
         lr = group["lr"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
@@ -349,8 +350,8 @@ def compiled_setup(
             type(optimizer),
             param.dtype,
             isinstance(group["lr"], torch.Tensor),
-            tuple(item for item in group.items() if item[0] not in _IGNORED_GROUP_KEYS),
-            tuple(item for item in vars(optimizer).items() if item[0][0] != "_" and item[0] not in _OPTIMIZER_FIELDS),
+            _read_fields(group, _is_group_setting_key),
+            _read_fields(vars(optimizer), _is_public_attribute),
         )
         setup = _setups.get(key)
     except TypeError:  # an unhashable value: compute it each time
@@ -363,6 +364,39 @@ def compiled_setup(
 
 
 _setups: dict[Any, tuple[tuple[str, Any], ...]] = {}
+
+
+def _read_fields(mapping: dict[str, Any], wanted: Callable[[str], bool]) -> tuple[Any, ...]:
+    """The ``wanted`` keys of ``mapping`` and their values, read at C speed with an
+    ``itemgetter`` made once per mapping (and made again when its keys change)."""
+    cache_key = (id(mapping), len(mapping), wanted)
+    cached = _field_readers.get(cache_key)
+    if cached is not None:
+        try:
+            return cached[0], cached[1](mapping)
+        except KeyError:  # another key of the same count: read the keys again
+            pass
+    keys = tuple(k for k in mapping if wanted(k))
+    reader: Callable[[dict[str, Any]], Any] = operator.itemgetter(*keys) if keys else _nothing
+    if len(_field_readers) > 4096:
+        _field_readers.clear()
+    _field_readers[cache_key] = (keys, reader)
+    return keys, reader(mapping)
+
+
+_field_readers: dict[tuple[int, int, Callable[[str], bool]], tuple[tuple[str, ...], Callable[..., Any]]] = {}
+
+
+def _nothing(mapping: dict[str, Any]) -> tuple[()]:
+    return ()
+
+
+def _is_group_setting_key(key: str) -> bool:
+    return key not in _IGNORED_GROUP_KEYS
+
+
+def _is_public_attribute(name: str) -> bool:
+    return name[0] != "_" and name not in _OPTIMIZER_FIELDS
 
 
 def _compiled_setup(
