@@ -413,8 +413,9 @@ def compile_inductor(
     all-reduces (dependencies respected) into buckets of up to that many MiB (the first
     bucket at most 1 MiB, as DDP does). With ``overlap_collectives``, Inductor's scheduler
     moves each collective's wait later, past independent compute (see ``_comm_overlap``). With
-    ``updates_parameters``, the forward returns every input it saves for the backward
-    as that input itself (see ``_keep_saved_inputs``).
+    ``updates_parameters``, Inductor's layout optimization is off: for a conv it hands
+    the backward a channels-last copy of the weight in place of the parameter, and the
+    update's ``copy_`` would write into that copy (the parameter never changes).
     """
     from torch._functorch import config as functorch_config
     from torch._inductor import config
@@ -424,10 +425,7 @@ def compile_inductor(
     chained = joint_pass if user_pass is None else _ChainedPass(user_pass, joint_pass)
 
     def inner_compile(g: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
-        is_backward = bool(kwargs.get("is_backward"))
-        if updates_parameters and not is_backward:
-            _keep_saved_inputs(g.graph)
-        observe("backward" if is_backward else "forward", g)
+        observe("backward" if kwargs.get("is_backward") else "forward", g)
         return compile_fx_inner(g, inputs, **kwargs)
 
     # compile_fx applies config_patches to the backward too, which AOTAutograd may
@@ -435,31 +433,14 @@ def compile_inductor(
     patches: dict[str, Any] = {"joint_custom_post_pass": chained, **_bucketing(bucket_all_reduces_mb)}
     if overlap_collectives:
         patches.update(_comm_overlap())
+    if updates_parameters:
+        patches["layout_optimization"] = False
     if not use_caches:  # a cache hit would skip the passes and graphs being observed
         patches["fx_graph_cache"] = False
     with contextlib.ExitStack() as stack:
         if not use_caches:  # looked up when the forward compiles, inside this block
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
         return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)  # type: ignore[return-value]
-
-
-def _keep_saved_inputs(forward: fx.Graph) -> None:
-    """Make Inductor return each input the forward saves for the backward as that very tensor.
-
-    Inductor may hand the backward a saved tensor in any layout it likes. With layout
-    optimization (always on for convs on CPU with mkldnn) it saves a channels-last copy of
-    a conv weight in place of the parameter, so the update's ``copy_`` in the backward wrote
-    into that copy and the parameter never changed. Outputs Inductor counts as user-visible
-    keep their strides; an input returned as is costs nothing, and the convs keep their
-    channels-last layout (turning layout optimization off instead cost the convnet ~5% of
-    its step on CPU).
-    """
-    output = forward.output_node()
-    returned = output.args[0]
-    if "user_visible_output_idxs" not in output.meta or not isinstance(returned, (list, tuple)):
-        return
-    inputs = [i for i, value in enumerate(returned) if isinstance(value, fx.Node) and value.op == "placeholder"]
-    output.meta["user_visible_output_idxs"] = sorted({*output.meta["user_visible_output_idxs"], *inputs})
 
 
 def _bucketing(cap_mb: float | None) -> dict[str, Any]:
