@@ -59,7 +59,8 @@ def _mib(nbytes: float) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"Device: {results['device']} ({results['device_name']}, {results['threads']} threads), "
+        f"Device: {results['device']} ({results['device_name']}, {results['threads']} threads, "
+        f"OMP_WAIT_POLICY {results.get('omp_wait_policy', 'default')}), "
         f"torch {results['torch']}; copy bandwidth {results['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
         f"{results['rounds']} interleaved rounds x {results['steps_per_round']} steps per peer; "
         f"recompiles over {results.get('recompile_steps', 50)} steps with an LR scheduler.",
