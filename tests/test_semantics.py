@@ -97,6 +97,16 @@ def test_retain_graph_second_backward_updates_again_as_eager_hooks_do(
         torch.testing.assert_close(optimizer.state[p], ref_optimizer.state[ref])
 
 
+def assert_second_backward_refused(model, mode, device, match):
+    """One backward with retain_graph=True, then a second one: refused, and nothing changed."""
+    loss = in_mode(model, mode)(torch.randn(4, 6, device=device)).pow(2).mean()
+    loss.backward(retain_graph=True)
+    after_first = snapshot(model.parameters())
+    with pytest.raises(fop.SecondBackwardError, match=match):
+        loss.backward()
+    assert_params_close(model.parameters(), after_first)
+
+
 @pytest.mark.parametrize("mode", COMPILED)
 def test_retain_graph_second_backward_refused_where_the_backward_reads_a_weight(mode, device, no_donated_buffers):
     """Two layers: the first layer's input gradient reads 2.weight. Eager hooks fail with
@@ -108,12 +118,7 @@ def test_retain_graph_second_backward_refused_where_the_backward_reads_a_weight(
 
     model = mlp(device)
     fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
-    loss = in_mode(model, mode)(torch.randn(4, 6, device=device)).pow(2).mean()
-    loss.backward(retain_graph=True)
-    after_first = snapshot(model.parameters())
-    with pytest.raises(fop.SecondBackwardError, match=r"retain_graph=True.*2\.weight.*Nothing was updated"):
-        loss.backward()
-    assert_params_close(model.parameters(), after_first)
+    assert_second_backward_refused(model, mode, device, r"retain_graph=True.*2\.weight.*Nothing was updated")
 
 
 @pytest.mark.parametrize("mode", COMPILED)
@@ -121,12 +126,7 @@ def test_retain_graph_second_backward_on_a_first_step_creating_state_is_refused(
     torch.manual_seed(0)
     model = nn.Linear(6, 3).to(device)
     fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1, "momentum": 0.9})
-    loss = in_mode(model, mode)(torch.randn(4, 6, device=device)).pow(2).mean()
-    loss.backward(retain_graph=True)
-    after_first = snapshot(model.parameters())
-    with pytest.raises(fop.SecondBackwardError, match=r"weight.*created its state.*momentum_buffer"):
-        loss.backward()
-    assert_params_close(model.parameters(), after_first)
+    assert_second_backward_refused(model, mode, device, r"weight.*created its state.*momentum_buffer")
 
 
 @pytest.mark.parametrize("mode", COMPILED)
