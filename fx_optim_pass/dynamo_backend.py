@@ -299,11 +299,12 @@ def _guard_backward(
                 "(fx_optim_pass.detach, or register_hook=False), or call backward() without create_graph."
             )
         _refuse_partial_gradients()
-        if entry in _pending_calls and not _torch_compat.retains_graph():
+        retains_graph = _torch_compat.retains_graph()
+        if entry in _pending_calls and not retains_graph:
             _pending_calls.remove(entry)
         if saved_versions:  # an earlier backward through this graph retained it
             counted_on[:] = _allow_another_update(written, saved_versions, names, installs, read_by_backward)
-        elif _torch_compat.retains_graph():
+        elif retains_graph:
             saved_versions[:] = [t._version for t in written]
 
     def after_backward(*_unused: Any) -> None:
