@@ -92,7 +92,7 @@ def _convnet(batch: int, size: int) -> Callable[[torch.device], tuple[nn.Module,
 
 # The transformer at a CPU size: ~29M parameters (8 blocks of width 512, vocab 8192).
 GPT_FULL = GPTConfig(vocab_size=8192, seq_len=256, width=512, depth=8, heads=8)
-# --quick: ~0.9M parameters, same shape of model (compiling every peer dominates a quick run).
+# --quick: ~0.54M parameters, same shape of model (compiling every peer dominates a quick run).
 GPT_QUICK = GPTConfig(vocab_size=1024, seq_len=128, width=128, depth=2, heads=4)
 
 
