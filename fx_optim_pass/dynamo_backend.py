@@ -474,6 +474,7 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
     next_input = len(example_inputs)
     params = []
     averaged = []
+    described: dict[Any, OptimizerStep] = {}  # parameters of one layout and setup share one description
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not (isinstance(value, torch.Tensor) and value.requires_grad):
             continue
@@ -489,7 +490,10 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
         if not in_backward:
             continue
         shard_numel = None if shard is None else shard.shard_numel
-        steps = tuple(describe_step(opt, value, name, shard_numel) for opt in value._in_backward_optimizers)  # type: ignore[attr-defined]
+        steps = tuple(
+            describe_step(opt, value, name, shard_numel, described)
+            for opt in value._in_backward_optimizers  # type: ignore[attr-defined]
+        )
         step_inputs = []
         for step in steps:
             step_inputs.append(tuple(range(next_input, next_input + step.num_inputs)))

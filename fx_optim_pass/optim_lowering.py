@@ -497,14 +497,54 @@ class OptimizerStep:
 
 
 def describe_step(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str, shard_numel: int | None = None
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    param_name: str,
+    shard_numel: int | None = None,
+    described: dict[Any, OptimizerStep] | None = None,
 ) -> OptimizerStep:
     """Work out, on fake tensors, which state the update reads and creates, and check it traces.
 
     Raises a clear error naming the optimizer and parameter when torch's step
     cannot be traced into a tensor-only graph; nothing real is touched. With
     ``shard_numel`` the update is described for a flat shard of that many elements.
+
+    ``described`` holds the steps already worked out for other parameters (of one plan):
+    a parameter with the same optimizer class, compiled setup, run-time hyperparameters
+    and tensor layout gets the same description without tracing torch's step again
+    (a transformer's 92 parameter tensors have 8 distinct shapes).
     """
+    key = None if described is None else _description_key(optimizer, param, param_name, shard_numel)
+    if described is None or key is None:
+        return _describe_step(optimizer, param, param_name, shard_numel)
+    if key not in described:
+        described[key] = _describe_step(optimizer, param, param_name, shard_numel)
+    return described[key]
+
+
+def _description_key(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str, shard_numel: int | None
+) -> Any:
+    """What ``_describe_step`` depends on, or None when some of it is unhashable (not cached)."""
+    group = param_group(optimizer, param, param_name)
+    lr = group["lr"]
+    key = (
+        type(optimizer),
+        compiled_setup(optimizer, param, param_name),
+        runtime_hyperparameters(group),
+        (tuple(param.shape), param.stride(), param.dtype, param.device, shard_numel),
+        (lr.dtype, lr.device, tuple(lr.shape)) if isinstance(lr, torch.Tensor) else None,
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _describe_step(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str, shard_numel: int | None
+) -> OptimizerStep:
     name = type(optimizer).__name__
     group = param_group(optimizer, param, param_name)
     # A shape environment turns .item() into a run-time symbol instead of an error.

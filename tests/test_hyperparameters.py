@@ -6,11 +6,14 @@ A recompile is counted as a new AOTAutograd compile: our backend compiles a new
 variant for a changed setup without Dynamo knowing.
 """
 
+from copy import deepcopy
+
 import pytest
 import torch
 from torch import nn
 
 import fx_optim_pass as fop
+from fx_optim_pass.optim_lowering import describe_step
 from tests.helpers import assert_params_close, in_mode
 
 STEPS = 20
@@ -152,3 +155,40 @@ def test_an_optimizers_own_attribute_is_compiled_in_and_a_change_recompiles(devi
         optimizer.scale = 3.0 if step >= STEPS // 2 else 1.0
 
     assert train(model, opt, reference, ref_opt, "aot_eager", device, rescale) == 1
+
+
+def test_parameters_of_one_shape_share_a_description_only_when_their_setup_matches(device):
+    """The plan traces torch's step once per (optimizer class, compiled setup, run-time
+    floats, layout); parameters of one shape with other setups must not share it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4))).to(device)
+    reference = deepcopy(model)
+    layers = list(model)
+    settings = [
+        {"lr": 0.01},
+        {"lr": 0.02},  # another float: shares layer 0's description
+        {"lr": 0.01, "amsgrad": True},  # another state key: its own
+        {"lr": 0.01, "weight_decay": 0.0},  # a landmark: compiled in, its own
+    ]
+    for layer, kwargs in zip(layers, settings):
+        fop.apply_optimizer_in_backward(torch.optim.AdamW, layer.parameters(), kwargs)
+    reference_opts = [torch.optim.AdamW(layer.parameters(), **kwargs) for layer, kwargs in zip(reference, settings)]
+
+    described: dict = {}
+    steps = [
+        describe_step(layer.weight._in_backward_optimizers[0], layer.weight, f"{i}.weight", None, described)
+        for i, layer in enumerate(layers)
+    ]
+    assert steps[1] is steps[0]
+    assert steps[2] is not steps[0] and "max_exp_avg_sq" in steps[2].state_keys
+    assert steps[3] is not steps[0] and steps[3].setup != steps[0].setup
+
+    compiled = torch.compile(model, backend=fop.make_backend(compiler="aot_eager"), fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(5, 8, device=device)
+        compiled(x).sum().backward()
+        reference(x).sum().backward()
+        for opt in reference_opts:
+            opt.step()
+            opt.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
