@@ -23,11 +23,13 @@ from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 __all__ = [
+    "CODEGEN_FIXES",
     "MUST_BE_IN_BACKWARD",
     "CustomGraphPass",
     "accumulate_grad_node",
     "accumulate_grad_variable",
     "all_reduce_ops",
+    "barrier_before_inplace_stores_in_reductions",
     "compile_aot_eager",
     "compile_inductor",
     "copy_dynamo_graph",
@@ -39,6 +41,7 @@ __all__ = [
     "is_tangent",
     "is_view_op",
     "may_recompute_in_backward",
+    "needs_barrier_before_store",
     "normalize_gm",
     "optimizer_step_as_if_compiling",
     "parameter_source_name",
@@ -422,12 +425,14 @@ def compile_inductor(
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    user_pass = config.joint_custom_post_pass
-    chained = joint_pass if user_pass is None else _ChainedPass(user_pass, joint_pass)
+    # Always chained: its cache key also names the codegen fixes applied below, so an
+    # artifact cached without them is never reused.
+    chained = _ChainedPass(config.joint_custom_post_pass, joint_pass)
 
     def inner_compile(g: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
         observe("backward" if kwargs.get("is_backward") else "forward", g)
-        return compile_fx_inner(g, inputs, **kwargs)
+        with barrier_before_inplace_stores_in_reductions():
+            return compile_fx_inner(g, inputs, **kwargs)
 
     # compile_fx applies config_patches to the backward too, which AOTAutograd may
     # compile later, outside any `with config.patch(...)` around this call.
@@ -494,18 +499,74 @@ def _comm_overlap() -> dict[str, Any]:
 
 
 class _ChainedPass(CustomGraphPass):
-    """Run a user's joint pass first, then ours; cache key covers both."""
+    """Run a user's joint pass (if any) first, then ours; the cache key covers both and the
+    codegen fixes (``CODEGEN_FIXES``) that ``compile_inductor`` applies."""
 
     def __init__(self, first: Any, second: CustomGraphPass) -> None:
         self.first, self.second = first, second
 
     def __call__(self, graph: fx.Graph) -> None:
-        self.first(graph)
+        if self.first is not None:
+            self.first(graph)
         self.second(graph)
 
     def uuid(self) -> Any:
         first_uuid = self.first.uuid() if hasattr(self.first, "uuid") else None
-        return (first_uuid, self.second.uuid())
+        return (first_uuid, self.second.uuid(), CODEGEN_FIXES)
+
+
+# ---------------------------------------------------------------- Inductor codegen fixes
+
+# Named in the cache key of every graph we compile (see ``_ChainedPass.uuid``).
+CODEGEN_FIXES = ("inplace-store-barrier-in-reductions",)
+
+
+def needs_barrier_before_store(kernel: Any, name: str) -> bool:
+    """Whether a Triton kernel's store to buffer ``name`` needs a ``tl.debug_barrier()`` first.
+
+    Inductor fuses a pointwise op that overwrites its input in place (an ``in_out_ptr``, say
+    the loss gradient written over a saved activation) into the reduction that consumes it
+    (the last Linear's bias gradient, with the update we put there). Inside the reduction
+    loop each element is loaded, then stored. When the tile (XBLOCK x R0_BLOCK) is smaller
+    than the thread block, Triton holds each element in several warps; one warp can store
+    before another loads, and the reduction may sum the copy that was loaded late: an
+    element counted as already-transformed (triton-lang/triton#1615). Inductor puts a
+    barrier before such stores only when the index is broadcast; torch 2.11 on an H200
+    summed one re-read element (gradient of one bias element off by 7/9 of that element's
+    term). A barrier before every in-place store inside a reduction makes all warps load
+    first. Checked against torch 2.11 and 2.13 (``TritonKernel.store``, ``inside_reduction``,
+    ``args.inplace_buffers``).
+    """
+    return bool(getattr(kernel, "inside_reduction", False)) and name in kernel.args.inplace_buffers
+
+
+@contextlib.contextmanager
+def barrier_before_inplace_stores_in_reductions() -> Iterator[None]:
+    """Within: Inductor's Triton kernels put ``tl.debug_barrier()`` before in-place stores
+    inside reductions (see ``needs_barrier_before_store``). Process-wide while it lasts, as
+    Inductor's own config patches are; restored on exit."""
+    try:
+        from torch._inductor.codegen.common import DeferredLine
+        from torch._inductor.codegen.triton import TritonKernel
+    except ImportError:  # pragma: no cover - an Inductor without Triton codegen
+        yield
+        return
+    original = TritonKernel.__dict__.get("store")
+    if original is None or getattr(original, "_fx_optim_barrier", False):
+        yield  # not where we expect it, or already patched by an enclosing call
+        return
+
+    def store(self: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
+        if needs_barrier_before_store(self, name):
+            self.stores.writeline(DeferredLine(name, "tl.debug_barrier()"))
+        return original(self, name, index, value, mode)
+
+    store._fx_optim_barrier = True  # type: ignore[attr-defined]
+    TritonKernel.store = store  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        TritonKernel.store = original  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- autograd glue
