@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
@@ -276,11 +277,36 @@ def trace_functional(fn: Callable[..., Any], example_args: Sequence[torch.Tensor
             # Dynamo allows .item() to become a symbol only with fullgraph=True; the
             # update's own run-time reads (hyperparameters) need it in every graph.
             stack.enter_context(_allow_scalar_outputs(fake_mode))
-        return make_fx(
+        traced = make_fx(
             functionalize(fn, remove="mutations_and_views"),
             decomposition_table=select_decomp_table(),
             tracing_mode="real" if fake_mode is not None else "fake",
         )(*example_args)
+    if fake_mode is not None and fake_mode.shape_env is not None:
+        _forget_float_runtime_asserts(traced, fake_mode.shape_env)
+    return traced
+
+
+def _forget_float_runtime_asserts(traced: fx.GraphModule, shape_env: Any) -> None:
+    """Drop the runtime asserts that tracing recorded on the floats ``traced`` reads (``.item()``).
+
+    They come from the landmark checks on each run-time hyperparameter (``0.5 < lr`` and
+    the like, five per float), which tell the tracer which side of each landmark torch's
+    code is on. Left in the joint graph's shape environment, Inductor emitted every one of
+    them into the compiled backward, checked in Python at every step (25 per AdamW
+    parameter; a failed one would raise mid-backward, after earlier updates), and copied
+    all of them for each node it lowered (``get_axioms``, a cost that grows with the square
+    of the parameter count). The runtime already chooses, before every call, the variant
+    compiled for the side each float lies on; the value ranges these checks refined stay in
+    the environment.
+    """
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    for node in traced.graph.find_nodes(op="call_function", target=torch.ops.aten._local_scalar_dense.default):
+        value = node.meta.get("val")
+        symbol = value.node.expr if isinstance(value, torch.SymFloat) else None
+        if isinstance(symbol, sympy.Symbol) and symbol_is_type(symbol, SymT.UNBACKED_FLOAT):
+            shape_env.deferred_runtime_asserts.pop(symbol, None)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from copy import deepcopy
 import pytest
 import torch
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 import fx_optim_pass as fop
 from fx_optim_pass.optim_lowering import describe_step
@@ -192,3 +193,18 @@ def test_parameters_of_one_shape_share_a_description_only_when_their_setup_match
             opt.step()
             opt.zero_grad()
         assert_params_close(model.parameters(), reference.parameters())
+
+
+def test_the_compiled_backward_reads_each_float_without_rechecking_its_landmarks(device):
+    """The landmark checks made while tracing (``0.5 < beta1``, five per float) are not
+    emitted into the compiled backward: the runtime picks the variant for the side each
+    float is on before every call, so the checks would only cost time at every step."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4).to(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
+    compiled = torch.compile(model, backend=fop.backend, fullgraph=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(lambda: compiled(torch.randn(2, 4, device=device)).sum().backward())
+    backward = [code for code in codes if ".item()" in code]
+    assert len(backward) == 1, "the compiled backward should read the run-time floats with .item()"
+    assert "raise RuntimeError" not in backward[0]
