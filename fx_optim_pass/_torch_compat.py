@@ -582,10 +582,10 @@ def barrier_before_inplace_stores_in_reductions() -> Iterator[None]:
         yield  # not where we expect it, or already patched by an enclosing call
         return
 
-    def store(self: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
+    def store(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         if needs_barrier_before_store(self, name):
             self.stores.writeline(DeferredLine(name, "tl.debug_barrier()"))
-        return original(self, name, index, value, mode)
+        return original(self, name, *args, **kwargs)
 
     store._fx_optim_barrier = True  # type: ignore[attr-defined]
     TritonKernel.store = store  # type: ignore[method-assign]
