@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import sympy
@@ -434,7 +434,7 @@ def compile_inductor(
     observe: GraphsObserver,
     use_caches: bool = True,
     bucket_all_reduces_mb: float | None = None,
-    updates_parameters: bool = True,
+    written_inputs: Collection[int] = (),
     overlap_collectives: bool = False,
 ) -> Callable[..., Any]:
     """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``.
@@ -442,10 +442,11 @@ def compile_inductor(
     With ``bucket_all_reduces_mb``, Inductor's own post-grad pass merges adjacent
     all-reduces (dependencies respected) into buckets of up to that many MiB (the first
     bucket at most 1 MiB, as DDP does). With ``overlap_collectives``, Inductor's scheduler
-    moves each collective's wait later, past independent compute (see ``_comm_overlap``). With
-    ``updates_parameters``, Inductor's layout optimization is off: for a conv it hands
-    the backward a channels-last copy of the weight in place of the parameter, and the
-    update's ``copy_`` would write into that copy (the parameter never changes).
+    moves each collective's wait later, past independent compute (see ``_comm_overlap``).
+    ``written_inputs`` (indices into ``example_inputs``: parameters and optimizer state) are
+    written in place by the backward: the forward hands each to the backward as itself, never
+    as a copy in another layout (see ``_keep_written_inputs``), so Inductor's layout
+    optimization (channels-last convolutions) stays on.
     """
     from torch._functorch import config as functorch_config
     from torch._inductor import config
@@ -457,6 +458,8 @@ def compile_inductor(
 
     def inner_compile(g: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
         observe("backward" if kwargs.get("is_backward") else "forward", g)
+        if not kwargs.get("is_backward") and not kwargs.get("is_inference"):
+            _keep_written_inputs(g, written_inputs)
         with barrier_before_inplace_stores_in_reductions():
             return compile_fx_inner(g, inputs, **kwargs)
 
@@ -465,14 +468,35 @@ def compile_inductor(
     patches: dict[str, Any] = {"joint_custom_post_pass": chained, **_bucketing(bucket_all_reduces_mb)}
     if overlap_collectives:
         patches.update(_comm_overlap())
-    if updates_parameters:
-        patches["layout_optimization"] = False
     if not use_caches:  # a cache hit would skip the passes and graphs being observed
         patches["fx_graph_cache"] = False
     with contextlib.ExitStack() as stack:
         if not use_caches:  # looked up when the forward compiles, inside this block
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
         return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)  # type: ignore[return-value]
+
+
+def _keep_written_inputs(forward: fx.GraphModule, written_inputs: Collection[int]) -> None:
+    """Make the forward hand each input in ``written_inputs`` to the backward as itself.
+
+    With layout optimization, Inductor requires channels-last strides of every 4-d forward
+    output on a path into or out of a convolution (``GraphLowering.run_node`` with
+    ``find_nodes_prefer_channels_last``, torch/_inductor/graph.py), so a conv weight saved
+    for the backward (a graph input returned as is) leaves the forward as a channels-last
+    copy: the backward receives that copy in place of the parameter, and the update's
+    ``copy_`` writes into it (the parameter never changes). Only the outputs Inductor calls
+    user-visible (the model's own) keep their strides exactly; counted among them, these
+    saved inputs are returned as themselves, while the conv still reads a channels-last
+    copy of its weight made for it alone (``require_channels_last`` in
+    torch/_inductor/kernel/conv.py).
+    """
+    output = forward.graph.output_node()
+    values = output.args[0] if isinstance(output.args[0], (list, tuple)) else output.args
+    visible = set(output.meta.get("user_visible_output_idxs", ()))  # compile_fx's, set before inner_compile
+    for position, value in enumerate(values):
+        if isinstance(value, fx.Node) and value.op == "placeholder" and input_index(value) in written_inputs:
+            visible.add(position)
+    output.meta["user_visible_output_idxs"] = sorted(visible)
 
 
 def _bucketing(cap_mb: float | None) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def _compile_variant(
             observe,
             use_caches=observe is _ignore,
             bucket_all_reduces_mb=plan.all_reduce.group.bucket_cap_mb if plan.all_reduce else None,
-            updates_parameters=bool(plan.params),
+            written_inputs=plan.written_inputs(),
             # Sharded: no gain measured, 1 MiB more peak (benchmarks/distributed.py, this machine).
             overlap_collectives=plan.all_reduce is not None and not plan.all_reduce.group.shard_optimizer_state,
         )

@@ -101,6 +101,13 @@ class UpdatePlan:
         """The per-parameter optimizer setup this plan was made for (see ``runtime_signature``)."""
         return tuple((p.input_index, tuple((s.optimizer_class, s.setup) for s in p.steps)) for p in self.params)
 
+    def written_inputs(self) -> frozenset[int]:
+        """Input positions the rewritten backward may write in place: each updated parameter
+        and its optimizers' inputs (state tensors; the hyperparameters among them are only read)."""
+        return frozenset(
+            i for p in self.params for i in (p.input_index, *(i for inputs in p.step_inputs for i in inputs))
+        )
+
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph, for Inductor's and AOTAutograd's caches:
         this package's own source, torch's version, the optimizers' code and settings, the plan,

@@ -8,6 +8,7 @@ from copy import deepcopy
 import pytest
 import torch
 from torch import nn
+from torch._inductor import config as inductor_config
 
 import fx_optim_pass as fop
 from tests.helpers import assert_params_close, in_mode, train_side_by_side
@@ -157,3 +158,34 @@ def test_conv_weights_are_updated(mode, device):
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
     inputs = [torch.randn(2, 2, 4, 4, device=device) for _ in range(3)]
     train_side_by_side(model.to(device), torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, mode, inputs)
+
+
+def test_conv_weights_are_updated_with_channels_last_convolutions(device):
+    """With Inductor's layout optimization on (forced: on CUDA its heuristics skip small convs),
+    the convs run channels-last on their own copies of the weights while the updates reach the
+    parameters: the backward receives each parameter itself, not a channels-last copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.Flatten()
+    ).to(device)
+    inputs = [torch.randn(2, 2, 6, 6, device=device) for _ in range(STEPS)]
+    with inductor_config.patch(force_layout_optimization=True):
+        subject, _ = train_side_by_side(model, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "inductor", inputs)
+        saved = saved_for_backward(in_mode(subject, "inductor")(inputs[0]))
+    channels_last = [t for t in saved if t.dim() == 4 and not t.is_contiguous()]
+    assert any(t.is_contiguous(memory_format=torch.channels_last) for t in channels_last), "layout optimization off"
+    assert all(any(t.data_ptr() == p.data_ptr() for t in saved) for p in subject.parameters())
+
+
+def saved_for_backward(output: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors the compiled graph behind ``output`` saved for its backward."""
+    saved, seen, frontier = [], set(), [output.grad_fn]
+    while frontier:
+        node = frontier.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in type(node).__name__:
+            saved.extend(node.saved_tensors)
+        frontier.extend(next_node for next_node, _ in node.next_functions)
+    return saved
