@@ -460,7 +460,14 @@ def compile_inductor(
         observe("backward" if kwargs.get("is_backward") else "forward", g)
         if not kwargs.get("is_backward") and not kwargs.get("is_inference"):
             _keep_written_inputs(g, written_inputs)
-        with barrier_before_inplace_stores_in_reductions():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(barrier_before_inplace_stores_in_reductions())
+            fake_mode = torch._guards.detect_fake_mode(inputs)
+            if fake_mode is not None:
+                # Inductor propagates fake values through the graph again, our updates'
+                # .item() reads included: without fullgraph=True, Dynamo's fake mode
+                # refuses them (DataDependentOutputException).
+                stack.enter_context(_allow_scalar_outputs(fake_mode))
             return compile_fx_inner(g, inputs, **kwargs)
 
     # compile_fx applies config_patches to the backward too, which AOTAutograd may
