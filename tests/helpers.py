@@ -43,15 +43,16 @@ def train_side_by_side(
     kwargs: dict[str, Any],
     mode: str,
     inputs: Iterable[torch.Tensor],
+    compile: Callable[[torch.nn.Module], Callable[..., torch.Tensor]] | None = None,
     **tolerance: float,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Train ``reference`` with eager torch.optim and a copy with in-backward optimizers run in
-    ``mode``, on the same inputs; after every step the parameters must match and the copy's
-    ``.grad`` stay None. Returns the copy and the reference optimizer."""
+    ``mode`` (or compiled by ``compile``), on the same inputs; after every step the parameters
+    must match and the copy's ``.grad`` stay None. Returns the copy and the reference optimizer."""
     subject = deepcopy(reference)
     reference_opt = optimizer_class(reference.parameters(), **kwargs)
     fop.apply_optimizer_in_backward(optimizer_class, subject.parameters(), kwargs)
-    compiled = in_mode(subject, mode)
+    compiled = in_mode(subject, mode) if compile is None else compile(subject)
     for x in inputs:
         reference(x).pow(2).mean().backward()
         reference_opt.step()

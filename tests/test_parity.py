@@ -199,17 +199,15 @@ def test_torch_compile_defaults_without_fullgraph(backend, device):
     silent eager fallback: one graph, no graph break, and no ``.grad`` left behind."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)).to(device)
-    reference = deepcopy(model)
-    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9)
-    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.01, "momentum": 0.9})
-    compiled = torch.compile(model, backend=backend if backend == "fx_optim" else fop.make_backend(compiler=backend))
-    for _ in range(STEPS):
-        x = torch.randn(2, 3, 6, 6, device=device)
-        compiled(x).sum().backward()
-        reference(x).sum().backward()
-        reference_opt.step()
-        reference_opt.zero_grad()
-        assert_params_close(model.parameters(), reference.parameters())
-        assert all(p.grad is None for p in model.parameters())
+    inputs = [torch.randn(2, 3, 6, 6, device=device) for _ in range(STEPS)]
+    by_default = backend if backend == "fx_optim" else fop.make_backend(compiler=backend)
+    train_side_by_side(
+        model,
+        torch.optim.SGD,
+        {"lr": 0.01, "momentum": 0.9},
+        backend,
+        inputs,
+        compile=lambda m: torch.compile(m, backend=by_default),
+    )
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
