@@ -619,8 +619,8 @@ class RuntimeInputs:
         tensors = [
             self._lr(step, optimizer, group, param),
             *(
-                self._scalar(optimizer, group, h.name, h.read(group), hyperparameter_tensor)
-                for h in step.hyperparameters
+                self._scalar(optimizer, group, h.name, value, hyperparameter_tensor)
+                for h, value in zip(step.hyperparameters, values)
             ),
         ]
         per_optimizer[(id(group), id(step))] = (values, tensors)

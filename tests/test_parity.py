@@ -11,6 +11,7 @@ from torch import nn
 from torch._inductor import config as inductor_config
 
 import fx_optim_pass as fop
+from fx_optim_pass.dynamo_backend import _compiled_backward_node
 from tests.helpers import assert_params_close, in_mode, train_side_by_side
 
 STEPS = 6
@@ -171,24 +172,10 @@ def test_conv_weights_are_updated_with_channels_last_convolutions(device):
     inputs = [torch.randn(2, 2, 6, 6, device=device) for _ in range(STEPS)]
     with inductor_config.patch(force_layout_optimization=True):
         subject, _ = train_side_by_side(model, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "inductor", inputs)
-        saved = saved_for_backward(in_mode(subject, "inductor")(inputs[0]))
+        saved = _compiled_backward_node(in_mode(subject, "inductor")(inputs[0])).saved_tensors
     channels_last = [t for t in saved if t.dim() == 4 and not t.is_contiguous()]
     assert any(t.is_contiguous(memory_format=torch.channels_last) for t in channels_last), "layout optimization off"
     assert all(any(t.data_ptr() == p.data_ptr() for t in saved) for p in subject.parameters())
-
-
-def saved_for_backward(output: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors the compiled graph behind ``output`` saved for its backward."""
-    saved, seen, frontier = [], set(), [output.grad_fn]
-    while frontier:
-        node = frontier.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "CompiledFunction" in type(node).__name__:
-            saved.extend(node.saved_tensors)
-        frontier.extend(next_node for next_node, _ in node.next_functions)
-    return saved
 
 
 @pytest.mark.parametrize("backend", ["fx_optim", "aot_eager"])
