@@ -288,7 +288,8 @@ def trace_functional(fn: Callable[..., Any], example_args: Sequence[torch.Tensor
 
 
 def _forget_float_runtime_asserts(traced: fx.GraphModule, shape_env: Any) -> None:
-    """Drop the runtime asserts that tracing recorded on the floats ``traced`` reads (``.item()``).
+    """Drop the runtime asserts that tracing recorded on the floats ``traced`` reads (``.item()``)
+    or takes as inputs.
 
     They come from the landmark checks on each run-time hyperparameter (``0.5 < lr`` and
     the like, five per float), which tell the tracer which side of each landmark torch's
@@ -302,7 +303,8 @@ def _forget_float_runtime_asserts(traced: fx.GraphModule, shape_env: Any) -> Non
     """
     from torch.utils._sympy.symbol import SymT, symbol_is_type
 
-    for node in traced.graph.find_nodes(op="call_function", target=torch.ops.aten._local_scalar_dense.default):
+    reads = traced.graph.find_nodes(op="call_function", target=torch.ops.aten._local_scalar_dense.default)
+    for node in [*reads, *traced.graph.find_nodes(op="placeholder")]:  # read here, or before and passed in
         value = node.meta.get("val")
         symbol = value.node.expr if isinstance(value, torch.SymFloat) else None
         if isinstance(symbol, sympy.Symbol) and symbol_is_type(symbol, SymT.UNBACKED_FLOAT):

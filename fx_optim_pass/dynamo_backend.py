@@ -1,10 +1,11 @@
 """The ``fx_optim`` torch.compile backend: Dynamo graph in, compiled training step out.
 
 1. Plan: which graph inputs are parameters with in-backward optimizers.
-2. Append graph inputs for each optimizer's ``lr`` and state tensors.
+2. Append graph inputs for the optimizers' run-time floats (``lr``, betas, ...: one per
+   distinct value) and each optimizer's state tensors.
 3. Compile through AOTAutograd (Inductor or plain) with the joint-graph pass
    ``insert_optimizer_updates``.
-4. At every call, append the current ``lr`` and state tensors, looked up from the
+4. At every call, append the current floats and state tensors, looked up from the
    parameters actually passed in, so schedulers, ``load_state_dict`` and a second
    model instance are honoured.
 """
@@ -26,11 +27,11 @@ from fx_optim_pass.distributed import collective_error, data_parallel_spec
 from fx_optim_pass.optim_lowering import (
     OptimizerStep,
     check_shardable,
-    compiled_setup,
     describe_step,
     hyperparameter_tensor,
     initialize_state,
     param_group,
+    run_time_floats,
 )
 from fx_optim_pass.passes import all_reduce_gradients, insert_optimizer_updates
 from fx_optim_pass.placement import find_placements, params_read_by_backward, placement_log, placement_table
@@ -125,7 +126,8 @@ def _compile(
     group: DataParallelSpec | None = None,
 ) -> Callable[..., Any]:
     if not torch.is_grad_enabled():  # an inference graph: no gradients, nothing to update
-        return _compile_variant(gm, example_inputs, UpdatePlan((), len(example_inputs)), compiler, observe)
+        inference = _compile_variant(gm, example_inputs, UpdatePlan((), len(example_inputs)), (), compiler, observe)
+        return lambda *args: inference(args, ())
     # Dynamo shares this graph between modules of the same structure (parameters are
     # graph inputs), but whether and how each parameter is updated is not among its
     # guards. So the compiled step is chosen per call by the parameters' in-backward
@@ -133,11 +135,13 @@ def _compile(
     pristine = _torch_compat.copy_dynamo_graph(gm, [])
     plan = build_plan(gm, example_inputs, group)
     names = [_input_name(node) for node in gm.graph.find_nodes(op="placeholder")]
-    variants = {plan.signature(): _compile_variant(gm, example_inputs, plan, compiler, observe)}
+    _, floats = runtime_signature(example_inputs, names)
+    variants = {plan.signature(): _compile_variant(gm, example_inputs, plan, floats, compiler, observe)}
     static_shapes = all(isinstance(x, torch.Tensor) for x in example_inputs)
 
     def run_compiled_step(*args: Any) -> Any:
-        key: Any = runtime_signature(args, names)
+        key: Any
+        key, floats = runtime_signature(args, names)
         variant = variants.get(key)
         if variant is None and not static_shapes:
             # A variant compiled here sees this call's sizes only (the graph's symbolic
@@ -146,22 +150,29 @@ def _compile(
             variant = variants.get(key)
         if variant is None:
             fresh = _torch_compat.copy_dynamo_graph(pristine, [])
-            variant = _compile_variant(fresh, args, build_plan(fresh, args, group), compiler, observe)
+            variant = _compile_variant(fresh, args, build_plan(fresh, args, group), floats, compiler, observe)
             variants[key] = variant
-        return variant(*args)
+        return variant(args, floats)
 
     return run_compiled_step
 
 
 def _compile_variant(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], plan: UpdatePlan, compiler: Compiler, observe: GraphObserver
-) -> Callable[..., Any]:
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    plan: UpdatePlan,
+    floats: Sequence[float],
+    compiler: Compiler,
+    observe: GraphObserver,
+) -> Callable[[Sequence[Any], Sequence[float]], Any]:
+    """The step compiled for ``plan``, called with the user's inputs and the run-time floats
+    (``runtime_signature``; ``floats``: this call's)."""
     runtime_inputs = RuntimeInputs(plan)
     anchor = [_GRAD_ANCHOR] if plan.params else []
     input_names = [*_extra_input_names(plan), *(["grad_anchor"] if anchor else [])]
     graph = _torch_compat.copy_dynamo_graph(gm, input_names)
     example = _torch_compat.with_scalar_symbols(
-        [*example_inputs, *runtime_inputs(example_inputs, for_compile=True), *anchor]
+        [*example_inputs, *runtime_inputs(example_inputs, floats, for_compile=True), *anchor]
     )
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
@@ -181,7 +192,7 @@ def _compile_variant(
     if plan.all_reduce is not None:
         compiled = _name_rank_on_collective_failure(compiled, plan.all_reduce.group)
     if not plan.params:
-        return compiled
+        return lambda args, floats: compiled(*args)
     # Known when the pass ran; after a cache hit, found by tracing the joint graph again
     # (aot_eager), on the first backward that needs it: a second one with retain_graph=True.
     fake_example = [] if joint_pass.read_by_backward is not None else _torch_compat.fake_copies(example)
@@ -200,7 +211,7 @@ def _compile_variant(
     names = [p.name for p in plan.params]
     positions = [p.input_index for p in plan.params]
 
-    def run_with_optimizer_inputs(*args: Any) -> Any:
+    def run_with_optimizer_inputs(args: Sequence[Any], floats: Sequence[float]) -> Any:
         # The updated parameters go in detached, so the compiled backward has no
         # autograd edge to their AccumulateGrad nodes: an AccumulateGrad node that
         # still runs in a backward then means gradient from elsewhere (eager code).
@@ -209,7 +220,7 @@ def _compile_variant(
         call_args = list(args)
         for i, param in zip(positions, params):
             call_args[i] = param.detach()
-        extra = runtime_inputs(args)
+        extra = runtime_inputs(args, floats)
         outputs = compiled(*call_args, *extra, _GRAD_ANCHOR)
         _guard_backward(outputs, params, names, runtime_inputs.take_installs(), extra, read_by_backward)
         return outputs
@@ -439,25 +450,47 @@ def _compiled_backward_node(outputs: Any) -> Any:
     return None
 
 
-def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[Any, ...]:
-    """What decides the rewritten graph, read off the parameters of one call (``names``: the inputs' names)."""
-    return tuple(
-        (index, tuple((type(opt), compiled_setup(opt, arg, name)) for opt in arg._in_backward_optimizers))  # type: ignore[attr-defined]
-        for index, (arg, name) in enumerate(zip(args, names))
-        if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)
-    )
+def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[tuple[Any, ...], list[float]]:
+    """What decides the rewritten graph, read off the parameters of one call (``names``: the
+    inputs' names), and the run-time floats to pass.
+
+    The key is each parameter's optimizer setups and which of the floats the updates read
+    are equal (``UpdatePlan.float_sharing``); the floats are one value per distinct
+    (name, value), in the order the updates first read them (``UpdatePlan.floats``).
+    """
+    setups = []
+    distinct: dict[tuple[str, float], int] = {}
+    sharing: list[int] = []
+    for index, (arg, name) in enumerate(zip(args, names)):
+        if not (isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)):
+            continue
+        optimizers = []
+        for opt in arg._in_backward_optimizers:  # type: ignore[attr-defined]
+            setup, read = run_time_floats(opt, arg, name)
+            optimizers.append((type(opt), setup))
+            sharing.extend(distinct.setdefault(key, len(distinct)) for key in read)
+        setups.append((index, tuple(optimizers)))
+    return (tuple(setups), tuple(sharing)), [value for _, value in distinct]
 
 
 def _extra_input_names(plan: UpdatePlan) -> list[str]:
-    """Readable, unique placeholder names: ``adamw_exp_avg__0_weight``."""
+    """Readable, unique placeholder names: ``lr``, ``betas_0``, then ``adamw_exp_avg__0_weight``."""
     names: list[str] = []
+
+    def add(base: str) -> None:
+        name = base
+        while name in names:  # another value of one float; the same optimizer class twice on one parameter
+            name = f"{base}_{len(names)}"
+        names.append(name)
+
+    for name in plan.floats:
+        add(name)
     for param_update in plan.params:
         for step in param_update.steps:
-            for key in step.input_names():
-                name = base = f"{step.op_name}_{key}__{node_safe_name(param_update.name)}"
-                while name in names:  # the same optimizer class twice on one parameter
-                    name = f"{base}_{len(names)}"
-                names.append(name)
+            shared = step.float_slots()
+            for slot, key in enumerate(step.input_names()):
+                if slot not in shared:
+                    add(f"{step.op_name}_{key}__{node_safe_name(param_update.name)}")
     return names
 
 
@@ -471,10 +504,11 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
     """Find the parameters with in-backward optimizers among the graph's inputs (and, data
     parallel, every parameter whose gradient is averaged over ``group``)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    next_input = len(example_inputs)
-    params = []
+    found = []
     averaged = []
     described: dict[Any, OptimizerStep] = {}  # parameters of one layout and setup share one description
+    distinct_floats: dict[tuple[str, float], int] = {}  # as in runtime_signature
+    float_sharing: list[int] = []
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not (isinstance(value, torch.Tensor) and value.requires_grad):
             continue
@@ -490,17 +524,38 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
         if not in_backward:
             continue
         shard_numel = None if shard is None else shard.shard_numel
-        steps = tuple(
-            describe_step(opt, value, name, shard_numel, described)
-            for opt in value._in_backward_optimizers  # type: ignore[attr-defined]
-        )
+        steps, floats = [], []
+        for opt in value._in_backward_optimizers:  # type: ignore[attr-defined]
+            steps.append(describe_step(opt, value, name, shard_numel, described))
+            _, read = run_time_floats(opt, value, name)
+            floats.append([distinct_floats.setdefault(key, len(distinct_floats)) for key in read])
+            float_sharing.extend(floats[-1])
+        found.append((index, name, steps, floats, shard))
+    # The floats' inputs come first, then each optimizer's own (its state).
+    first_float, next_input = len(example_inputs), len(example_inputs) + len(distinct_floats)
+    params = []
+    for index, name, steps, floats, shard in found:
         step_inputs = []
-        for step in steps:
-            step_inputs.append(tuple(range(next_input, next_input + step.num_inputs)))
-            next_input += step.num_inputs
-        params.append(ParamUpdate(index, name, steps, tuple(step_inputs), shard))
+        for step, step_floats in zip(steps, floats):
+            shared = step.float_slots()
+            assert len(shared) == len(step_floats), "a step reads other floats than described: a bug in fx_optim_pass"
+            positions = []
+            for slot in range(step.num_inputs):
+                if slot in shared:
+                    positions.append(first_float + step_floats[slot - shared.start])
+                else:
+                    positions.append(next_input)
+                    next_input += 1
+            step_inputs.append(tuple(positions))
+        params.append(ParamUpdate(index, name, tuple(steps), tuple(step_inputs), shard))
     all_reduce = None if group is None else GradientAllReduce(group, tuple(averaged))
-    return UpdatePlan(tuple(params), len(example_inputs), all_reduce)
+    return UpdatePlan(
+        tuple(params),
+        len(example_inputs),
+        all_reduce,
+        floats=tuple(float_name for float_name, _ in distinct_floats),
+        float_sharing=tuple(float_sharing),
+    )
 
 
 class JointPass(_torch_compat.CustomGraphPass):
@@ -551,21 +606,37 @@ class RuntimeInputs:
 
     def __init__(self, plan: UpdatePlan) -> None:
         self.plan = plan
-        # Per optimizer, per (group, input name): the value last passed and its tensor; and
-        # per (group, step): the values last read and the tensors passed for them.
-        self._scalars: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[tuple[int, Any], Any]] = (
+        # The values of the run-time floats last passed, and their tensors; per optimizer and
+        # group, a float lr last passed as a tensor (float64 parameters) and that tensor.
+        self._floats: list[tuple[float, torch.Tensor]] = []
+        self._tensor_lrs: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[tuple[int, str], Any]] = (
             weakref.WeakKeyDictionary()
         )
         self._installs: list[Callable[[], None]] = []
 
-    def __call__(self, args: Sequence[Any], *, for_compile: bool = False) -> list[torch.Tensor]:
-        inputs: list[torch.Tensor] = []
+    def __call__(
+        self, args: Sequence[Any], floats: Sequence[float], *, for_compile: bool = False
+    ) -> list[torch.Tensor]:
+        inputs = self._float_tensors(floats)
         for param_update in self.plan.params:
             param = args[param_update.input_index]
             optimizers = param._in_backward_optimizers
             for step, optimizer in zip(param_update.steps, optimizers):
                 inputs.extend(self._step_inputs(step, optimizer, param, for_compile, param_update))
         return inputs
+
+    def _float_tensors(self, values: Sequence[float]) -> list[torch.Tensor]:
+        """The run-time floats as tensors, each made again only when its value changed.
+
+        A new tensor, never an in-place fill: a graph still waiting for its backward
+        keeps the values it was called with."""
+        cached = self._floats
+        if len(cached) != len(values):
+            cached[:] = [(value, hyperparameter_tensor(value)) for value in values]
+        for i, value in enumerate(values):
+            if cached[i][0] != value:
+                cached[i] = (value, hyperparameter_tensor(value))
+        return [tensor for _, tensor in cached]
 
     def _step_inputs(
         self,
@@ -575,14 +646,16 @@ class RuntimeInputs:
         for_compile: bool,
         param_update: ParamUpdate,
     ) -> list[torch.Tensor]:
+        """Its inputs other than the run-time floats: a tensor lr, then the state."""
         state = optimizer.state[param]
         shard = param_update.shard
         if any(key not in state for key in step.state_keys):  # a fresh optimizer or model instance
             initialize_state(optimizer, param, None if shard is None else shard.shard_numel)
         if shard is not None:
             _check_sharded_state(optimizer, state, param_update.name, shard)
-        group = param_group(optimizer, param, param_update.name)
-        inputs = [*self._scalar_inputs(step, optimizer, group, param), *(state[key] for key in step.state_keys)]
+        inputs = [state[key] for key in step.state_keys]
+        if step.lr_is_tensor:
+            inputs.insert(0, self._tensor_lr(optimizer, param_group(optimizer, param, param_update.name), param))
         if not step.created:
             return inputs
         if all(c.key in state for c in step.created):
@@ -603,57 +676,18 @@ class RuntimeInputs:
         installs, self._installs = self._installs, []
         return installs
 
-    def _scalar_inputs(
-        self, step: OptimizerStep, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """``lr`` and the run-time hyperparameters of ``group``, as tensors. Asked for every
-        parameter at every call, so the values of the last call are checked first, at once."""
-        lr = group["lr"]
-        values = [h.read(group) for h in step.hyperparameters]
-        if not isinstance(lr, torch.Tensor):  # a tensor lr is passed as it is
-            values.append(lr)
-        per_optimizer = self._scalars.setdefault(optimizer, {})
-        last = per_optimizer.get((id(group), id(step)))
-        if last is not None and last[0] == values:
-            return last[1]
-        tensors = [
-            self._lr(step, optimizer, group, param),
-            *(
-                self._scalar(optimizer, group, h.name, value, hyperparameter_tensor)
-                for h, value in zip(step.hyperparameters, values)
-            ),
-        ]
-        per_optimizer[(id(group), id(step))] = (values, tensors)
-        return tensors
-
-    def _lr(self, step: OptimizerStep, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Any) -> Any:
+    def _tensor_lr(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> Any:
+        """A user's tensor lr as it is; a float lr of a float64 parameter as an exact float64
+        tensor on its device, made again only when the value changed (as ``_float_tensors``)."""
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             return lr
-        if step.lr_is_tensor:  # float64 parameters: an exact float64 lr on their device
-            device = param.device
-            return self._scalar(
-                optimizer, group, f"lr@{device}", lr, lambda v: torch.tensor(v, dtype=torch.float64, device=device)
-            )
-        return self._scalar(optimizer, group, "lr", lr, hyperparameter_tensor)
-
-    def _scalar(
-        self,
-        optimizer: torch.optim.Optimizer,
-        group: dict[str, Any],
-        name: str,
-        value: float,
-        make: Callable[[float], torch.Tensor],
-    ) -> torch.Tensor:
-        """The tensor holding ``value``, made again only when the value changed.
-
-        A new tensor, never an in-place fill: a graph still waiting for its backward
-        keeps the values it was called with."""
-        per_group = self._scalars.setdefault(optimizer, {})
-        cached = per_group.get((id(group), name))
-        if cached is None or cached[0] != value:
-            cached = (value, make(value))
-            per_group[(id(group), name)] = cached
+        device = param.device
+        per_optimizer = self._tensor_lrs.setdefault(optimizer, {})
+        cached = per_optimizer.get((id(group), str(device)))
+        if cached is None or cached[0] != lr:
+            cached = (lr, torch.tensor(lr, dtype=torch.float64, device=device))
+            per_optimizer[(id(group), str(device))] = cached
         return cached[1]
 
 

@@ -13,7 +13,7 @@ import inspect
 import operator
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "describe_step",
     "hyperparameter_tensor",
     "initialize_state",
+    "run_time_floats",
     "runtime_hyperparameters",
     "takes_tensor_lr",
 ]
@@ -73,6 +74,10 @@ class Hyperparameter:
     def read(self, group: dict[str, Any]) -> float:
         value = group[self.key]
         return value if self.index is None else value[self.index]
+
+
+# A float lr is read at run time like the other hyperparameters (see ``_run_step``).
+LR = Hyperparameter("lr")
 
 
 def _is_runtime_float(value: Any) -> bool:
@@ -167,18 +172,18 @@ def _run_step(
     grad: torch.Tensor,
     lr: torch.Tensor,
     state: dict[str, Any],
-    hyperparameters: dict[Hyperparameter, torch.Tensor],
+    hyperparameters: Mapping[Hyperparameter, torch.Tensor | torch.SymFloat],
     lr_is_tensor: bool,
 ) -> None:
     """Torch's own ``step()`` of ``shadow`` on exactly these tensors (mutated in place),
-    with each run-time hyperparameter read from its 0-d tensor."""
+    with each run-time hyperparameter read from its 0-d tensor (or already read)."""
     group = shadow.param_groups[0]
     saved = dict(group)
     group.update(_read_hyperparameters(group, hyperparameters))
     group["params"] = [param]
     # A float lr is read like the other hyperparameters, but with no landmarks:
     # torch.optim's updates never branch on it. A tensor lr stays a tensor.
-    group["lr"] = lr if lr_is_tensor else lr.item()
+    group["lr"] = lr if lr_is_tensor else _number(lr)
     shadow.state = defaultdict(dict, {param: state})
     # torch's foreach paths may update p.grad in place (SGD nesterov); each step
     # gets its own copy, as on torch's default single-tensor CPU path.
@@ -193,7 +198,15 @@ def _run_step(
         shadow.state = defaultdict(dict)
 
 
-def _read_hyperparameters(group: dict[str, Any], hyperparameters: dict[Hyperparameter, torch.Tensor]) -> dict[str, Any]:
+def _number(value: torch.Tensor | torch.SymFloat | float) -> Any:
+    """A run-time float: read from its 0-d tensor, or already read (a symbol of the joint graph,
+    shared by every update that reads the same value; see ``insert_updates``)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _read_hyperparameters(
+    group: dict[str, Any], hyperparameters: Mapping[Hyperparameter, torch.Tensor | torch.SymFloat]
+) -> dict[str, Any]:
     """Group values with each run-time float replaced by a number read from its tensor.
 
     Traced, the read is a symbol that torch's code computes with like a float; the
@@ -201,7 +214,7 @@ def _read_hyperparameters(group: dict[str, Any], hyperparameters: dict[Hyperpara
     """
     values: dict[str, Any] = {}
     for hyperparameter, tensor in hyperparameters.items():
-        number = tensor.item()
+        number = _number(tensor)
         traced = hyperparameter.read(group)
         for mark in _LANDMARKS:
             torch._check(number > mark if traced > mark else number < mark)
@@ -366,6 +379,27 @@ def compiled_setup(
 _setups: dict[Any, tuple[tuple[str, Any], ...]] = {}
 
 
+def run_time_floats(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, param_name: str = ""
+) -> tuple[tuple[tuple[str, Any], ...], list[tuple[str, float]]]:
+    """``compiled_setup`` and the floats the update reads as numbers at run time, in the
+    order of its graph inputs, each as (name, value): a float ``lr``, then
+    ``runtime_hyperparameters``. Also asked for every parameter at every call."""
+    setup = compiled_setup(optimizer, param, param_name)
+    group = param_group(optimizer, param, param_name)
+    read = _floats_of_setup.get(setup)
+    if read is None:
+        if len(_floats_of_setup) > 4096:
+            _floats_of_setup.clear()
+        lr = () if takes_tensor_lr(group, param) else (LR,)
+        read = _floats_of_setup[setup] = (*lr, *runtime_hyperparameters(group))
+    return setup, [(h.name, h.read(group)) for h in read]
+
+
+# Which floats are run-time floats follows from the setup (a landmark value is compiled in).
+_floats_of_setup: dict[tuple[tuple[str, Any], ...], tuple[Hyperparameter, ...]] = {}
+
+
 def _read_fields(mapping: dict[str, Any], wanted: Callable[[str], bool]) -> tuple[Any, ...]:
     """The ``wanted`` keys of ``mapping`` and their values, read at C speed with an
     ``itemgetter`` made once per mapping (and made again when its keys change)."""
@@ -438,7 +472,8 @@ class OptimizerStep:
     """How one optimizer of one parameter runs in the graph.
 
     Graph inputs, in order: ``lr`` and the other run-time ``hyperparameters``
-    (0-d float64 CPU tensors; a tensor lr is passed as it is), the state tensors ``state_keys`` (created by
+    (0-d float64 CPU tensors, or in the joint graph the numbers read from them; a tensor
+    lr is passed as it is), the state tensors ``state_keys`` (created by
     ``initialize_state``), then for ``created`` state one buffer each plus a 0-d
     bool "state already exists" flag, which the update sets to True.
     """
@@ -459,6 +494,12 @@ class OptimizerStep:
         """Names of this step's graph inputs, in order."""
         names = ["lr", *(h.name for h in self.hyperparameters), *self.state_keys, *(c.key for c in self.created)]
         return names + (["state_exists"] if self.created else [])
+
+    def float_slots(self) -> range:
+        """Which of its inputs are run-time floats read as numbers (a float ``lr`` and the
+        other hyperparameters): inputs that updates reading the same value share."""
+        first = 1 if self.lr_is_tensor else 0
+        return range(first, 1 + len(self.hyperparameters))
 
     @property
     def op_name(self) -> str:

@@ -68,8 +68,10 @@ class ParamUpdate:
     """One parameter, updated in the backward by its optimizers in registration order.
 
     ``input_index`` is its position among the compiled function's inputs;
-    ``step_inputs[k]`` are the input positions of optimizer ``k``'s ``lr`` and
-    state tensors (see ``OptimizerStep``). With ``shard``, the optimizers update only
+    ``step_inputs[k]`` are the input positions of optimizer ``k``'s inputs (``lr``, the
+    other run-time hyperparameters and the state tensors, see ``OptimizerStep``); the
+    positions of run-time floats are shared with every update that reads the same value
+    (see ``UpdatePlan.floats``). With ``shard``, the optimizers update only
     this rank's shard of the parameter, and their state tensors have the shard's shape.
     """
 
@@ -93,27 +95,51 @@ class GradientAllReduce:
 
 @dataclass(frozen=True)
 class UpdatePlan:
+    """What the pass does to one graph.
+
+    ``floats`` names the run-time floats the updates read as numbers (a float ``lr``,
+    ``betas_0``, ...), one graph input each, right after the user's ``num_user_inputs``
+    inputs: updates reading equal values (the usual case: one optimizer setting for every
+    parameter) share one input, read once per step. ``float_sharing`` says, for each float
+    each update reads (parameters, then their optimizers, in plan order), which of ``floats``
+    it is: the sharing holds for calls whose values are equal in the same way.
+    """
+
     params: tuple[ParamUpdate, ...]
     num_user_inputs: int
     all_reduce: GradientAllReduce | None = None
+    floats: tuple[str, ...] = ()
+    float_sharing: tuple[int, ...] = ()
 
     def signature(self) -> tuple[object, ...]:
-        """The per-parameter optimizer setup this plan was made for (see ``runtime_signature``)."""
-        return tuple((p.input_index, tuple((s.optimizer_class, s.setup) for s in p.steps)) for p in self.params)
+        """The per-parameter optimizer setup and float sharing this plan was made for (see
+        ``runtime_signature``)."""
+        setups = tuple((p.input_index, tuple((s.optimizer_class, s.setup) for s in p.steps)) for p in self.params)
+        return setups, self.float_sharing
+
+    def float_inputs(self) -> range:
+        """The input positions of ``floats``."""
+        return range(self.num_user_inputs, self.num_user_inputs + len(self.floats))
 
     def written_inputs(self) -> frozenset[int]:
         """Input positions the rewritten backward may write in place: each updated parameter
-        and its optimizers' inputs (state tensors; the hyperparameters among them are only read)."""
-        return frozenset(
-            i for p in self.params for i in (p.input_index, *(i for inputs in p.step_inputs for i in inputs))
-        )
+        and its optimizers' state tensors."""
+        steps_inputs = (i for p in self.params for inputs in p.step_inputs for i in inputs)
+        return frozenset((*(p.input_index for p in self.params), *steps_inputs)) - frozenset(self.float_inputs())
 
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph, for Inductor's and AOTAutograd's caches:
         this package's own source, torch's version, the optimizers' code and settings, the plan,
         the process group gradients are averaged over (a graph compiled for one group
         must never run collectives on another) and, sharded, this rank (it picks the shard)."""
-        parts = [_package_source_hash(), torch.__version__, str(self.num_user_inputs), repr(self.all_reduce)]
+        parts = [
+            _package_source_hash(),
+            torch.__version__,
+            str(self.num_user_inputs),
+            repr(self.all_reduce),
+            repr(self.floats),
+            repr(self.float_sharing),
+        ]
         for p in self.params:
             parts.append(f"{p.input_index}:{p.name}:{p.step_inputs}:{p.shard}")
             for s in p.steps:

@@ -208,3 +208,52 @@ def test_the_compiled_backward_reads_each_float_without_rechecking_its_landmarks
     backward = [code for code in codes if ".item()" in code]
     assert len(backward) == 1, "the compiled backward should read the run-time floats with .item()"
     assert "raise RuntimeError" not in backward[0]
+
+
+def test_updates_reading_equal_floats_share_one_input_and_one_read(device):
+    """Per-parameter optimizers with one setting (apply_optimizer_in_backward's usual use)
+    pass each run-time float once: one graph input and one ``.item()`` in the backward,
+    however many parameters. Inductor copies every such symbol's value range for each node
+    it lowers, so one per parameter made compile time grow with the square of their number."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(3))).to(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01, "weight_decay": 0.05})
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    backend = fop.make_backend(compiler="aot_eager", observer=graphs.setdefault)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled(torch.randn(2, 8, device=device)).sum().backward()
+
+    reads = graphs["backward"].graph.find_nodes(op="call_function", target=torch.ops.aten._local_scalar_dense.default)
+    read_inputs = sorted(node.args[0].name for node in reads)
+    # lr, betas_0, betas_1, eps, weight_decay: read once for the 6 parameters
+    assert len(read_inputs) == 5, read_inputs
+    assert len(set(read_inputs)) == 5, read_inputs
+
+
+@pytest.mark.parametrize("mode", ["aot_eager", "inductor"])
+def test_a_float_that_stops_being_equal_gets_an_input_of_its_own(mode, device):
+    """A parameter whose lr leaves the others' (a scheduler on its optimizer alone) must never
+    keep reading the value they share: the next call runs a variant where it has its own
+    input. Equal again, the first variant serves without compiling."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+    reference = deepcopy(model)
+    kwargs = {"lr": 0.05, "momentum": 0.9}
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), kwargs)
+    opts = {name: p._in_backward_optimizers[0] for name, p in model.named_parameters()}
+    reference_opts = {name: torch.optim.SGD([p], **kwargs) for name, p in reference.named_parameters()}
+    compiled = in_mode(model, mode)
+    lrs = {3: 0.01, 4: 0.01, 5: 0.05, 6: 0.05}  # the last layer's weight only, from step 3 on
+    for step in range(7):
+        for optimizer in (opts["2.weight"], reference_opts["2.weight"]):
+            optimizer.param_groups[0]["lr"] = lrs.get(step, 0.05)
+        x = torch.randn(4, 6, device=device)
+        compiled(x).pow(2).mean().backward()
+        reference(x).pow(2).mean().backward()
+        for optimizer in reference_opts.values():
+            optimizer.step()
+            optimizer.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
+        if step == 0:
+            after_first = compiles()
+    assert compiles() - after_first == 1

@@ -48,6 +48,8 @@ def insert_optimizer_updates(graph: fx.Graph, plan: UpdatePlan) -> int:
     if not grad_positions:  # an inference graph: nothing to update
         return 0
     placeholders = {_torch_compat.input_index(node): node for node in graph.find_nodes(op="placeholder")}
+    numbers = _read_floats(graph, plan, placeholders)
+    inputs = placeholders | numbers  # the floats' placeholders give way to the numbers read from them
     order = {node: i for i, node in enumerate(graph.nodes)}
     outputs = list(output.args[0])  # type: ignore[arg-type]
     updated = 0
@@ -56,22 +58,44 @@ def insert_optimizer_updates(graph: fx.Graph, plan: UpdatePlan) -> int:
         grad = outputs[position] if position is not None else None
         if grad is None:  # the output does not depend on this parameter
             continue
-        _insert_param_update(graph, param_update, placeholders, grad, order)
+        _insert_param_update(graph, param_update, inputs, grad, order)
         outputs[position] = None  # type: ignore[index]
         updated += 1
     output.args = (outputs if isinstance(output.args[0], list) else tuple(outputs),)
+    for number in numbers.values():
+        if not number.users:  # read for updates of parameters this graph has no gradient for
+            graph.erase_node(number)
     graph.lint()
     return updated
+
+
+def _read_floats(
+    graph: fx.Graph, plan: UpdatePlan, placeholders: dict[int | None, fx.Node]
+) -> dict[int | None, fx.Node]:
+    """Read each run-time float of ``plan`` once, at the start of the graph (``.item()`` of its
+    0-d input): {its input position: the number}. Every update reading that value computes with
+    the same symbol, so the symbols Inductor tracks stay as few as the distinct values."""
+    numbers: dict[int | None, fx.Node] = {}
+    cursor = list(graph.find_nodes(op="placeholder"))[-1]
+    for position, name in zip(plan.float_inputs(), plan.floats):
+        placeholder = placeholders[position]
+        traced = _torch_compat.trace_functional(torch.Tensor.item, [_val(placeholder)])
+        (read,) = [node for node in traced.graph.nodes if node.op == "call_function"]
+        with graph.inserting_after(cursor):
+            cursor = graph.create_node("call_function", read.target, (placeholder,), name=f"read_{name}")
+        cursor.meta = {**read.meta, "partitioner_tag": _torch_compat.MUST_BE_IN_BACKWARD}
+        numbers[position] = cursor
+    return numbers
 
 
 def _insert_param_update(
     graph: fx.Graph,
     param_update: ParamUpdate,
-    placeholders: dict[int | None, fx.Node],
+    inputs: dict[int | None, fx.Node],
     grad: fx.Node,
     order: dict[fx.Node, int],
 ) -> None:
-    param = placeholders[param_update.input_index]
+    param = inputs[param_update.input_index]
     name = node_safe_name(param_update.name)
     cursor = grad if grad.op != "placeholder" else list(graph.find_nodes(op="placeholder"))[-1]
     current = param  # the parameter's value so far: each optimizer steps on the previous one's result
@@ -83,7 +107,7 @@ def _insert_param_update(
             graph, traced, [param, grad], cursor, f"scatter__{name}", (param_update.name, "scatter", param.name)
         )
     for step, input_indices in zip(param_update.steps, param_update.step_inputs):
-        extras = [placeholders[i] for i in input_indices]
+        extras = [inputs[i] for i in input_indices]
         traced = trace_step(step, [_val(current), _val(grad), *map(_val, extras)], param_update.name)
         make_alpha_explicit(traced.graph)  # works around an Inductor miscompile, see explicit_alpha
         make_copies_fusable(traced.graph)  # no fallback kernel copying the gradient
