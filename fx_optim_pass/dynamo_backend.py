@@ -135,8 +135,8 @@ def _compile(
     pristine = _torch_compat.copy_dynamo_graph(gm, [])
     plan = build_plan(gm, example_inputs, group)
     names = [_input_name(node) for node in gm.graph.find_nodes(op="placeholder")]
-    _, floats = runtime_signature(example_inputs, names)
-    variants = {plan.signature(): _compile_variant(gm, example_inputs, plan, floats, compiler, observe)}
+    key, floats = runtime_signature(example_inputs, names)
+    variants = {key: _compile_variant(gm, example_inputs, plan, floats, compiler, observe)}
     static_shapes = all(isinstance(x, torch.Tensor) for x in example_inputs)
 
     def run_compiled_step(*args: Any) -> Any:
@@ -450,17 +450,27 @@ def _compiled_backward_node(outputs: Any) -> Any:
     return None
 
 
+class DistinctFloats:
+    """The run-time floats of one call, numbered in the order the updates read them: equal
+    values of one name (one lr for every parameter) get one number, so one graph input."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[tuple[str, float], int] = {}
+        self.sharing: list[int] = []  # the number of every float read, in order: part of the variant's key
+
+    def add(self, read: Sequence[tuple[str, float]]) -> list[int]:
+        """Number one optimizer's floats, ``(name, value)`` pairs (``run_time_floats``)."""
+        numbers = [self.numbers.setdefault(key, len(self.numbers)) for key in read]
+        self.sharing.extend(numbers)
+        return numbers
+
+
 def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[tuple[Any, ...], list[float]]:
     """What decides the rewritten graph, read off the parameters of one call (``names``: the
-    inputs' names), and the run-time floats to pass.
-
-    The key is each parameter's optimizer setups and which of the floats the updates read
-    are equal (``UpdatePlan.float_sharing``); the floats are one value per distinct
-    (name, value), in the order the updates first read them (``UpdatePlan.floats``).
-    """
+    inputs' names): each parameter's optimizer setups and which of the floats they read are
+    equal; and the values of the distinct floats, to pass (``UpdatePlan.floats``)."""
     setups = []
-    distinct: dict[tuple[str, float], int] = {}
-    sharing: list[int] = []
+    floats = DistinctFloats()
     for index, (arg, name) in enumerate(zip(args, names)):
         if not (isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)):
             continue
@@ -468,9 +478,9 @@ def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[tuple[
         for opt in arg._in_backward_optimizers:  # type: ignore[attr-defined]
             setup, read = run_time_floats(opt, arg, name)
             optimizers.append((type(opt), setup))
-            sharing.extend(distinct.setdefault(key, len(distinct)) for key in read)
+            floats.add(read)
         setups.append((index, tuple(optimizers)))
-    return (tuple(setups), tuple(sharing)), [value for _, value in distinct]
+    return (tuple(setups), tuple(floats.sharing)), [value for _, value in floats.numbers]
 
 
 def _extra_input_names(plan: UpdatePlan) -> list[str]:
@@ -507,8 +517,7 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
     found = []
     averaged = []
     described: dict[Any, OptimizerStep] = {}  # parameters of one layout and setup share one description
-    distinct_floats: dict[tuple[str, float], int] = {}  # as in runtime_signature
-    float_sharing: list[int] = []
+    floats = DistinctFloats()  # numbered as runtime_signature numbers them
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not (isinstance(value, torch.Tensor) and value.requires_grad):
             continue
@@ -524,25 +533,23 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
         if not in_backward:
             continue
         shard_numel = None if shard is None else shard.shard_numel
-        steps, floats = [], []
+        steps, step_floats = [], []
         for opt in value._in_backward_optimizers:  # type: ignore[attr-defined]
             steps.append(describe_step(opt, value, name, shard_numel, described))
-            _, read = run_time_floats(opt, value, name)
-            floats.append([distinct_floats.setdefault(key, len(distinct_floats)) for key in read])
-            float_sharing.extend(floats[-1])
-        found.append((index, name, steps, floats, shard))
-    # The floats' inputs come first, then each optimizer's own (its state).
-    first_float, next_input = len(example_inputs), len(example_inputs) + len(distinct_floats)
+            step_floats.append(floats.add(run_time_floats(opt, value, name)[1]))
+        found.append((index, name, steps, step_floats, shard))
+    # The floats' inputs come first, then each optimizer's own (a tensor lr, its state).
+    first_float, next_input = len(example_inputs), len(example_inputs) + len(floats.numbers)
     params = []
-    for index, name, steps, floats, shard in found:
+    for index, name, steps, floats_per_step, shard in found:
         step_inputs = []
-        for step, step_floats in zip(steps, floats):
+        for step, numbers in zip(steps, floats_per_step):
             shared = step.float_slots()
-            assert len(shared) == len(step_floats), "a step reads other floats than described: a bug in fx_optim_pass"
+            assert len(shared) == len(numbers), "a step reads other floats than described: a bug in fx_optim_pass"
             positions = []
             for slot in range(step.num_inputs):
                 if slot in shared:
-                    positions.append(first_float + step_floats[slot - shared.start])
+                    positions.append(first_float + numbers[slot - shared.start])
                 else:
                     positions.append(next_input)
                     next_input += 1
@@ -553,8 +560,7 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
         tuple(params),
         len(example_inputs),
         all_reduce,
-        floats=tuple(float_name for float_name, _ in distinct_floats),
-        float_sharing=tuple(float_sharing),
+        floats=tuple(float_name for float_name, _ in floats.numbers),
     )
 
 

@@ -100,22 +100,13 @@ class UpdatePlan:
     ``floats`` names the run-time floats the updates read as numbers (a float ``lr``,
     ``betas_0``, ...), one graph input each, right after the user's ``num_user_inputs``
     inputs: updates reading equal values (the usual case: one optimizer setting for every
-    parameter) share one input, read once per step. ``float_sharing`` says, for each float
-    each update reads (parameters, then their optimizers, in plan order), which of ``floats``
-    it is: the sharing holds for calls whose values are equal in the same way.
+    parameter) share one input, read once per step (see ``DistinctFloats``).
     """
 
     params: tuple[ParamUpdate, ...]
     num_user_inputs: int
     all_reduce: GradientAllReduce | None = None
     floats: tuple[str, ...] = ()
-    float_sharing: tuple[int, ...] = ()
-
-    def signature(self) -> tuple[object, ...]:
-        """The per-parameter optimizer setup and float sharing this plan was made for (see
-        ``runtime_signature``)."""
-        setups = tuple((p.input_index, tuple((s.optimizer_class, s.setup) for s in p.steps)) for p in self.params)
-        return setups, self.float_sharing
 
     def float_inputs(self) -> range:
         """The input positions of ``floats``."""
@@ -138,7 +129,6 @@ class UpdatePlan:
             str(self.num_user_inputs),
             repr(self.all_reduce),
             repr(self.floats),
-            repr(self.float_sharing),
         ]
         for p in self.params:
             parts.append(f"{p.input_index}:{p.name}:{p.step_inputs}:{p.shard}")
