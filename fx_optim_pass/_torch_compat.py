@@ -26,6 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 __all__ = [
     "CODEGEN_FIXES",
     "MUST_BE_IN_BACKWARD",
+    "MUST_BE_IN_FORWARD",
     "CustomGraphPass",
     "accumulate_grad_node",
     "accumulate_grad_variable",
@@ -66,6 +67,8 @@ __all__ = [
 # The min-cut partitioner keeps nodes with this tag in the backward graph; without
 # it the write-backs are dropped as dead (parameters never change) or rejected.
 MUST_BE_IN_BACKWARD = "must_be_in_backward"
+# And this one in the forward graph, whose outputs the backward then receives.
+MUST_BE_IN_FORWARD = "must_be_in_forward"
 
 
 def input_index(node: fx.Node) -> int | None:
@@ -464,6 +467,7 @@ def compile_inductor(
             _keep_written_inputs(g, written_inputs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(barrier_before_inplace_stores_in_reductions())
+            stack.enter_context(float_inputs_in_cache_keys())
             if kwargs.get("is_backward") and hasattr(config, _FUSION_CHECKS):
                 stack.enter_context(config.patch({_FUSION_CHECKS: _FUSION_CHECKS_AMONG_UPDATES}))
             fake_mode = torch._guards.detect_fake_mode(inputs)
@@ -488,13 +492,13 @@ def compile_inductor(
 
 
 # Inductor looks for fusions among the nodes that read one buffer, checking each against the
-# next ``max_fusion_buffer_group_pairwise_attempts`` (64) of them. Every update reads the run-time
-# floats it shares with all the others (``insert_updates._read_floats``), so in the backward that
-# is 64 checks per update kernel: at 400 parameter tensors, 463,000 checks and 155 s of a 410 s
-# compile (``benchmarks/compile_profile.py``). The readers of any one gradient are few, and
-# fusing the updates of parameters far apart would keep gradients alive; 8 found the same
-# kernels (one per Linear layer: its bias gradient and both updates) at 200 tensors in 54 s
-# instead of 75 s.
+# next ``max_fusion_buffer_group_pairwise_attempts`` (64) of them. When the backward read the
+# run-time floats itself, every update kernel read that buffer: at 400 parameter tensors,
+# 463,000 checks and 155 s of a 410 s compile (``benchmarks/compile_profile.py``). The floats
+# now arrive as inputs (``insert_updates._read_floats``), and 8 still compiles faster: the
+# scale model's first call at 400 tensors took 119.5 s with 8 and 143.4 s with 64 (at 200,
+# 66.5 and 66.9 s). The readers of any one gradient are few, and fusing the updates of
+# parameters far apart would keep gradients alive.
 _FUSION_CHECKS, _FUSION_CHECKS_AMONG_UPDATES = "max_fusion_buffer_group_pairwise_attempts", 8
 
 
@@ -639,6 +643,43 @@ def barrier_before_inplace_stores_in_reductions() -> Iterator[None]:
         yield
     finally:
         TritonKernel.store = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def float_inputs_in_cache_keys() -> Iterator[None]:
+    """Within: Inductor's FX-graph cache puts a graph's float inputs in its key by their
+    symbol, as it does for int inputs (``FxGraphCachePickler._reduce_symint``).
+
+    Our backward receives the run-time floats the forward read (``insert_updates._read_floats``).
+    Inductor 2.13 has no reducer for ``torch.SymFloat`` and bypasses its cache for any graph
+    with a float input. A float read by ``.item()`` is unbacked: no guard can name it, and the
+    compiled code takes its value as an argument at every call, so its symbol is all the key
+    needs, as for an unbacked int. Restored on exit.
+    """
+    try:
+        from torch._inductor.codecache import FxGraphCachePickler
+    except ImportError:  # pragma: no cover - an Inductor without an FX graph cache
+        yield
+        return
+    original = FxGraphCachePickler.__dict__.get("__init__")
+    if (
+        original is None
+        or getattr(original, "_fx_optim_floats", False)
+        or not hasattr(FxGraphCachePickler, "_reduce_symint")
+    ):
+        yield  # not where we expect it, or already patched by an enclosing call
+        return
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.dispatch_table.setdefault(torch.SymFloat, self._reduce_symint)
+
+    __init__._fx_optim_floats = True  # type: ignore[attr-defined]
+    FxGraphCachePickler.__init__ = __init__  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        FxGraphCachePickler.__init__ = original  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- autograd glue

@@ -212,9 +212,11 @@ def test_the_compiled_backward_reads_each_float_without_rechecking_its_landmarks
 
 def test_updates_reading_equal_floats_share_one_input_and_one_read(device):
     """Per-parameter optimizers with one setting (apply_optimizer_in_backward's usual use)
-    pass each run-time float once: one graph input and one ``.item()`` in the backward,
-    however many parameters. Inductor copies every such symbol's value range for each node
-    it lowers, so one per parameter made compile time grow with the square of their number."""
+    pass each run-time float once: one graph input and one ``.item()``, however many
+    parameters. Inductor copies every such symbol's value range for each node it lowers, so
+    one per parameter made compile time grow with the square of their number. The reads sit
+    in the forward and the backward receives the numbers: read in the backward, each would be
+    a buffer that every update kernel depends on, which Inductor's scheduler walks per kernel."""
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(3))).to(device)
     fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01, "weight_decay": 0.05})
@@ -223,11 +225,20 @@ def test_updates_reading_equal_floats_share_one_input_and_one_read(device):
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     compiled(torch.randn(2, 8, device=device)).sum().backward()
 
-    reads = graphs["backward"].graph.find_nodes(op="call_function", target=torch.ops.aten._local_scalar_dense.default)
-    read_inputs = sorted(node.args[0].name for node in reads)
+    def reads(kind: str) -> list[torch.fx.Node]:
+        return graphs[kind].graph.find_nodes(op="call_function", target=torch.ops.aten._local_scalar_dense.default)
+
+    read_inputs = sorted(node.args[0].name for node in reads("forward"))
     # lr, betas_0, betas_1, eps, weight_decay: read once for the 6 parameters
     assert len(read_inputs) == 5, read_inputs
     assert len(set(read_inputs)) == 5, read_inputs
+    assert not reads("backward")
+    received = [
+        node
+        for node in graphs["backward"].graph.find_nodes(op="placeholder")
+        if isinstance(node.meta.get("val"), torch.SymFloat)
+    ]
+    assert len(received) == 5, received
 
 
 @pytest.mark.parametrize("mode", ["aot_eager", "inductor"])

@@ -14,7 +14,8 @@ After::
     return [addmm, None, ...]                       # autograd receives no gradient
 
 Every inserted node carries ``partitioner_tag = "must_be_in_backward"`` so the
-min-cut partitioner keeps it in the backward graph.
+min-cut partitioner keeps it in the backward graph, but the ``.item()`` reads of the
+run-time floats, which go to the forward (``_read_floats``).
 """
 
 from __future__ import annotations
@@ -72,16 +73,20 @@ def insert_optimizer_updates(graph: fx.Graph, plan: UpdatePlan) -> int:
 def _read_floats(
     graph: fx.Graph, plan: UpdatePlan, placeholders: dict[int | None, fx.Node]
 ) -> dict[int | None, fx.Node]:
-    """Read each run-time float of ``plan`` once, in the backward (``.item()`` of its 0-d
-    input): {its input position: the number}.
+    """Read each run-time float of ``plan`` once, in the forward (``.item()`` of its 0-d
+    input), and hand the number to the backward: {its input position: the number}.
 
     Every update reading that value computes with the same symbol, so the symbols Inductor
     tracks stay as few as the distinct values: it copies every symbol's value range for each
     node it lowers, and a read per parameter (five symbols per AdamW parameter) made compile
-    time grow with the square of the parameter count. Reads in the forward, handed to the
-    backward as numbers, compiled faster still (117 s against 149 s at 400 tensors), but
-    Inductor 2.13 cannot put a float input in its cache key: the backward was never cached.
-    Reads shared by groups of 32 updates were slower (161 s): more symbols, no fewer checks.
+    time grow with the square of the parameter count. In the forward, because to the
+    backward's scheduler a number that arrives as an input is a kernel argument, while a
+    number read there is a buffer that every update kernel depends on: Inductor's scheduler
+    walks that buffer's users for each of them (dead-node elimination, in-place decisions,
+    fusion checks), again a cost that grows with the square of the parameter count.
+    The scale model's first call at 200 / 400 parameter tensors: 90.4 / 178.5 s with the reads
+    in the backward, 66.5 / 119.5 s here. The backward's FX-graph-cache key then names float
+    inputs (``_torch_compat.float_inputs_in_cache_keys``).
     """
     numbers: dict[int | None, fx.Node] = {}
     cursor = list(graph.find_nodes(op="placeholder"))[-1]
@@ -91,7 +96,7 @@ def _read_floats(
         (read,) = [node for node in traced.graph.nodes if node.op == "call_function"]
         with graph.inserting_after(cursor):
             cursor = graph.create_node("call_function", read.target, (placeholder,), name=f"read_{name}")
-        cursor.meta = {**read.meta, "partitioner_tag": _torch_compat.MUST_BE_IN_BACKWARD}
+        cursor.meta = {**read.meta, "partitioner_tag": _torch_compat.MUST_BE_IN_FORWARD}
         numbers[position] = cursor
     return numbers
 
