@@ -1,0 +1,58 @@
+"""fx_optim's own Python per step, as parameter tensors grow (issue #4, scale).
+
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.step_overhead 50 200 400 1000
+
+Builds the scale benchmark's model (tiny Linear(16, 16) layers, AdamW in the backward),
+compiles it with Inductor, then runs ``--steps`` steps under cProfile and prints, per step,
+the time spent in the package's own functions (their ``tottime``: the variant key, the
+run-time inputs, the backward guard), and the functions that spend most of it. The
+profiler slows Python down, so compare sizes with each other, not with unprofiled steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.peers import build_peer
+from benchmarks.run import OPTIMIZERS, WithLoss
+from fx_optim_pass.models import mlp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tensors", type=int, nargs="+", help="parameter tensor counts (two per layer)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--lines", type=int, default=6, help="the package's costliest functions to list")
+    args = parser.parse_args()
+    for count in args.tensors:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = WithLoss(mlp(width=16, depth=count // 2), F.mse_loss)
+        inputs = (torch.randn(4, 16), torch.randn(4, 16))
+        peer = build_peer("fx_optim", model, inputs, *OPTIMIZERS["adamw"])
+        for _ in range(3):  # compile, then optimizer state
+            peer.step()
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.steps):
+            peer.step()
+        profile.disable()
+        # pstats' table: (file, line, function) -> (calls, primitive calls, tottime, cumtime, callers)
+        ours = {where: row[2] for where, row in pstats.Stats(profile).stats.items() if "fx_optim_pass" in where[0]}  # type: ignore[attr-defined]
+        per_step_ms = 1e3 / args.steps
+        total = sum(ours.values()) * per_step_ms
+        per_tensor_us = total / count * 1e3
+        print(
+            f"{count} parameter tensors: {total:.2f} ms per step in fx_optim_pass ({per_tensor_us:.1f} µs per tensor)"
+        )
+        for (path, line, function), seconds in sorted(ours.items(), key=lambda item: -item[1])[: args.lines]:
+            print(f"    {seconds * per_step_ms:.3f} ms  {path.split('fx_optim_pass/')[-1]}:{line} {function}")
+
+
+if __name__ == "__main__":
+    main()
