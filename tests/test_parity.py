@@ -172,7 +172,8 @@ def test_conv_weights_are_updated_with_channels_last_convolutions(device):
     inputs = [torch.randn(2, 2, 6, 6, device=device) for _ in range(STEPS)]
     with inductor_config.patch(force_layout_optimization=True):
         subject, _ = train_side_by_side(model, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "inductor", inputs)
-        saved = _compiled_backward_node(in_mode(subject, "inductor")(inputs[0])).saved_tensors
+        output = in_mode(subject, "inductor")(inputs[0])  # alive while its saved tensors are read
+        saved = _compiled_backward_node(output).saved_tensors
     channels_last = [t for t in saved if t.dim() == 4 and not t.is_contiguous()]
     assert any(t.is_contiguous(memory_format=torch.channels_last) for t in channels_last), "layout optimization off"
     assert all(any(t.data_ptr() == p.data_ptr() for t in saved) for p in subject.parameters())
@@ -187,7 +188,9 @@ def test_torch_compile_defaults_without_fullgraph(backend, device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)).to(device)
     inputs = [torch.randn(2, 3, 6, 6, device=device) for _ in range(STEPS)]
-    by_default = backend if backend == "fx_optim" else fop.make_backend(compiler=backend)
+    # fop.backend is what the name "fx_optim" finds once the package is installed
+    # (tests/test_entry_point.py); a source tree on PYTHONPATH, as on the GPU machine, has no name.
+    by_default = fop.backend if backend == "fx_optim" else fop.make_backend(compiler=backend)
     train_side_by_side(
         model,
         torch.optim.SGD,
