@@ -627,22 +627,17 @@ def barrier_before_inplace_stores_in_reductions() -> Iterator[None]:
     except ImportError:  # pragma: no cover - an Inductor without Triton codegen
         yield
         return
-    original = TritonKernel.__dict__.get("store")
-    if original is None or getattr(original, "_fx_optim_barrier", False):
-        yield  # not where we expect it, or already patched by an enclosing call
-        return
 
-    def store(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
-        if needs_barrier_before_store(self, name):
-            self.stores.writeline(DeferredLine(name, "tl.debug_barrier()"))
-        return original(self, name, *args, **kwargs)
+    def with_barrier(original: Callable[..., Any]) -> Callable[..., Any]:
+        def store(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+            if needs_barrier_before_store(self, name):
+                self.stores.writeline(DeferredLine(name, "tl.debug_barrier()"))
+            return original(self, name, *args, **kwargs)
 
-    store._fx_optim_barrier = True  # type: ignore[attr-defined]
-    TritonKernel.store = store  # type: ignore[method-assign]
-    try:
+        return store
+
+    with _patched_method(TritonKernel, "store", with_barrier):
         yield
-    finally:
-        TritonKernel.store = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -661,25 +656,37 @@ def float_inputs_in_cache_keys() -> Iterator[None]:
     except ImportError:  # pragma: no cover - an Inductor without an FX graph cache
         yield
         return
-    original = FxGraphCachePickler.__dict__.get("__init__")
-    if (
-        original is None
-        or getattr(original, "_fx_optim_floats", False)
-        or not hasattr(FxGraphCachePickler, "_reduce_symint")
-    ):
-        yield  # not where we expect it, or already patched by an enclosing call
+    if not hasattr(FxGraphCachePickler, "_reduce_symint"):  # not the pickler we know
+        yield
         return
 
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self.dispatch_table.setdefault(torch.SymFloat, self._reduce_symint)
+    def with_float_reducer(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            self.dispatch_table.setdefault(torch.SymFloat, self._reduce_symint)
 
-    __init__._fx_optim_floats = True  # type: ignore[attr-defined]
-    FxGraphCachePickler.__init__ = __init__  # type: ignore[method-assign]
+        return __init__
+
+    with _patched_method(FxGraphCachePickler, "__init__", with_float_reducer):
+        yield
+
+
+@contextlib.contextmanager
+def _patched_method(owner: type, name: str, patch: Callable[[Any], Callable[..., Any]]) -> Iterator[None]:
+    """Within: ``owner.name`` is ``patch(original)``; restored on exit. Left alone where
+    ``owner`` does not define ``name`` itself (not the class we know) or an enclosing call
+    patched it already."""
+    original = owner.__dict__.get(name)
+    if original is None or getattr(original, "_fx_optim_patch", False):
+        yield
+        return
+    patched = patch(original)
+    patched._fx_optim_patch = True  # type: ignore[attr-defined]
+    setattr(owner, name, patched)
     try:
         yield
     finally:
-        FxGraphCachePickler.__init__ = original  # type: ignore[method-assign]
+        setattr(owner, name, original)
 
 
 # ---------------------------------------------------------------- autograd glue

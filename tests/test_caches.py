@@ -121,3 +121,25 @@ def test_retain_graph_check_after_a_cache_hit(cache_dir, layers, expected):
         outcomes = [second_backward_outcome(layers) for _ in range(2)]  # cold, then from the cache
     assert cache_counters()["autograd_hit"] == 1
     assert outcomes == [expected, expected]
+
+
+def test_float_inputs_are_keyed_by_their_symbol_only_while_we_compile():
+    """The backward takes the floats the forward read (``insert_updates._read_floats``).
+    Inductor's cache-key pickler has no reducer for them: it pickles a float's whole shape
+    environment, whose contents differ from compile to compile or cannot be pickled at all
+    (then the backward is never cached). While our compile runs, a float is keyed by its
+    symbol alone, as Inductor keys an int; outside, Inductor's pickler is as it was."""
+    from torch._inductor.codecache import FxGraphCachePickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fx_optim_pass import _torch_compat
+
+    graph = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    lr, same_symbol_elsewhere = (ShapeEnv().create_unbacked_symfloat() for _ in range(2))
+    original = FxGraphCachePickler.__dict__["__init__"]
+    with _torch_compat.float_inputs_in_cache_keys():
+        key = FxGraphCachePickler(graph).dumps(lr)
+        assert FxGraphCachePickler(graph).dumps(same_symbol_elsewhere) == key
+        assert str(lr).encode() in key and b"ShapeEnv" not in key
+    assert FxGraphCachePickler.__dict__["__init__"] is original
+    assert torch.SymFloat not in FxGraphCachePickler(graph).dispatch_table

@@ -31,7 +31,7 @@ def test_store_is_patched_only_while_compiling_and_never_twice():
     original = TritonKernel.__dict__["store"]
     with compat.barrier_before_inplace_stores_in_reductions():
         patched = TritonKernel.__dict__["store"]
-        assert patched is not original and patched._fx_optim_barrier
+        assert patched is not original and patched._fx_optim_patch
         with compat.barrier_before_inplace_stores_in_reductions():  # nested: left as it is
             assert TritonKernel.__dict__["store"] is patched
         assert TritonKernel.__dict__["store"] is patched
