@@ -357,7 +357,13 @@ def compiled_setup(
 
     Asked for every parameter at every call, so it is memoized on the values it is
     made from (a change of ``lr`` alone, the common one, reuses it)."""
-    group = param_group(optimizer, param, param_name)
+    return _memoized_setup(optimizer, param_group(optimizer, param, param_name), param)
+
+
+def _memoized_setup(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor
+) -> tuple[tuple[str, Any], ...]:
+    """``compiled_setup`` for ``param``'s ``group``, already looked up (``run_time_floats`` needs it too)."""
     try:
         key = (
             type(optimizer),
@@ -385,8 +391,8 @@ def run_time_floats(
     """``compiled_setup`` and the floats the update reads as numbers at run time, in the
     order of its graph inputs, each as (name, value): a float ``lr``, then
     ``runtime_hyperparameters``. Also asked for every parameter at every call."""
-    setup = compiled_setup(optimizer, param, param_name)
     group = param_group(optimizer, param, param_name)
+    setup = _memoized_setup(optimizer, group, param)
     read = _floats_of_setup.get(setup)
     if read is None:
         if len(_floats_of_setup) > 4096:
