@@ -224,6 +224,12 @@ def _thin(curve: list[int], points: int = 400) -> list[int]:
     return thinned
 
 
+def scale_model(count: int, device: torch.device) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The scale points' model with ``count`` parameter tensors (Linear(16, 16) layers) and a batch of 4."""
+    model = WithLoss(mlp(width=16, depth=count // 2), F.mse_loss).to(device)
+    return model, (torch.randn(4, 16, device=device), torch.randn(4, 16, device=device))
+
+
 def bench_scale(tensor_counts: Sequence[int], device: torch.device, steps: int) -> list[dict[str, Any]]:
     """Compile time and per-step time of fx_optim (and the compiled optimizer) as parameter tensors grow.
 
@@ -232,8 +238,7 @@ def bench_scale(tensor_counts: Sequence[int], device: torch.device, steps: int) 
     rows = []
     for count in tqdm(tensor_counts, desc="scale", leave=False):
         torch._dynamo.reset()
-        model = WithLoss(mlp(width=16, depth=count // 2), F.mse_loss).to(device)
-        inputs = (torch.randn(4, 16, device=device), torch.randn(4, 16, device=device))
+        model, inputs = scale_model(count, device)
         row: dict[str, Any] = {"parameter_tensors": count}
         for name in ("fx_optim", "compiled_opt", "no_optimizer"):
             try:

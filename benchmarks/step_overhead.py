@@ -16,11 +16,9 @@ import cProfile
 import pstats
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.peers import build_peer
-from benchmarks.run import OPTIMIZERS, WithLoss
-from fx_optim_pass.models import mlp
+from benchmarks.run import OPTIMIZERS, scale_model
 
 
 def main() -> None:
@@ -32,8 +30,7 @@ def main() -> None:
     for count in args.tensors:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = WithLoss(mlp(width=16, depth=count // 2), F.mse_loss)
-        inputs = (torch.randn(4, 16), torch.randn(4, 16))
+        model, inputs = scale_model(count, torch.device("cpu"))
         peer = build_peer("fx_optim", model, inputs, *OPTIMIZERS["adamw"])
         for _ in range(3):  # compile, then optimizer state
             peer.step()
