@@ -1,9 +1,9 @@
 """The two floors the targets are stated against (DESIGN.md section 3).
 
 - Memory: what must be alive at the worst moment of the step: the activations
-  the forward saves for backward plus the largest gradient that must exist at
-  once (a tied weight's partial gradients coexist until summed). Read off the
-  forward graph that AOTAutograd's partitioner produced.
+  the forward saves for backward plus the largest single gradient, or a tied
+  weight's partial gradients, which coexist until summed. The saved activations
+  are read off the forward graph that AOTAutograd's partitioner produced.
 - Bandwidth: the bytes an update must read and write, over this machine's
   copy bandwidth measured in the same run.
 """
@@ -15,9 +15,17 @@ from collections import Counter
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import benchmark
 
-__all__ = ["copy_bandwidth", "largest_gradient_bytes", "saved_activation_bytes", "update_bytes"]
+__all__ = [
+    "copy_bandwidth",
+    "largest_gradient_bytes",
+    "memory_floor",
+    "saved_activation_bytes",
+    "tied_gradient_bytes",
+    "update_bytes",
+]
 
 # Bytes per parameter element the update must move, in units of the parameter's size.
 # AdamW: reads parameter, gradient, exp_avg, exp_avg_sq; writes parameter and both moments.
@@ -26,30 +34,47 @@ _UPDATE_TRAFFIC = {"AdamW": 7, "Adam": 7, "SGD": 5}
 
 
 def saved_activation_bytes(forward: fx.GraphModule) -> int:
-    """Bytes the forward graph hands to backward that it allocated itself.
+    """Bytes the forward graph hands to backward that it allocated itself, each storage once.
 
-    Outputs that are (views of) graph inputs, such as parameters saved for
-    backward, cost nothing new and are left out.
+    Outputs that view the graph's inputs, such as parameters saved for backward, cost
+    nothing new and are left out; outputs that view one another (q, k and v split from
+    one projection) are one storage, counted once.
     """
-    seen: set[fx.Node] = set()
-    total = 0
-    for node in forward.graph.output_node().all_input_nodes:
-        base = node
-        while base.op == "call_function" and getattr(base.target, "is_view", False) and base.all_input_nodes:
-            base = base.all_input_nodes[0]
-        if base.op == "placeholder" or node in seen:
-            continue
-        seen.add(node)
-        value = node.meta.get("val")
-        if isinstance(value, torch.Tensor):
-            total += value.untyped_storage().nbytes() if value._base is None else value.numel() * value.element_size()
-    return total
+    inputs = {StorageWeakRef(value.untyped_storage()) for value in _tensor_values(forward, "placeholder")}
+    saved = {
+        StorageWeakRef(value.untyped_storage()): value.untyped_storage().nbytes()
+        for value in _tensor_values(forward, "output")
+    }
+    return sum(nbytes for storage, nbytes in saved.items() if storage not in inputs)
+
+
+def _tensor_values(graph_module: fx.GraphModule, kind: str) -> list[torch.Tensor]:
+    """The fake tensors of the graph's inputs (``placeholder``) or of what it returns (``output``)."""
+    graph = graph_module.graph
+    nodes = graph.find_nodes(op="placeholder") if kind == "placeholder" else graph.output_node().all_input_nodes
+    return [value for node in nodes if isinstance(value := node.meta.get("val"), torch.Tensor)]
 
 
 def largest_gradient_bytes(model: nn.Module) -> int:
-    """The largest gradient that must exist at once: a parameter used k times has k partial gradients."""
+    """The largest single gradient: one parameter's, or one partial gradient of a tied weight."""
+    return max(p.numel() * p.element_size() for p in model.parameters())
+
+
+def tied_gradient_bytes(model: nn.Module) -> int:
+    """What a tied weight's partial gradients hold when summed: a parameter used k times has k."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     return max(p.numel() * p.element_size() * uses[id(p)] for p in model.parameters())
+
+
+def memory_floor(saved_bytes: int, model: nn.Module) -> int:
+    """The bytes alive at the worse of two moments every step has.
+
+    - A gradient is made while the saved activations exist (DESIGN.md section 3: saved
+      activations + the largest single gradient).
+    - A tied weight's partial gradients are summed: they all exist then, but not with every
+      saved activation (its last partial arrives at the end of the backward).
+    """
+    return max(saved_bytes + largest_gradient_bytes(model), tied_gradient_bytes(model))
 
 
 def update_bytes(optimizer_class: type[torch.optim.Optimizer], model: nn.Module) -> int:

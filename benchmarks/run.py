@@ -196,7 +196,6 @@ def bench_config(
 
     fx_graphs = next((peer.graphs for peer in peers if peer.name == "fx_optim"), {})
     saved = floors.saved_activation_bytes(fx_graphs["forward"]) if "forward" in fx_graphs else None
-    largest_grad = floors.largest_gradient_bytes(model)
     update = floors.update_bytes(optimizer_class, model)
     return {
         "model": workload.name,
@@ -206,8 +205,9 @@ def bench_config(
         "parameter_tensors": len(list(model.parameters())),
         "floor": {
             "saved_activation_bytes": saved,
-            "largest_gradient_bytes": largest_grad,
-            "memory_bytes": None if saved is None else saved + largest_grad,
+            "largest_gradient_bytes": floors.largest_gradient_bytes(model),
+            "tied_gradient_bytes": floors.tied_gradient_bytes(model),
+            "memory_bytes": None if saved is None else floors.memory_floor(saved, model),
             "update_bytes": update,
             "update_s": update / bandwidth,
         },

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
-from benchmarks import run
+from benchmarks import floors, run
 from benchmarks.peers import PEERS
 
 
@@ -48,3 +51,23 @@ def test_benchmark_reports_every_peer_with_sane_fields(tmp_path: Path, optimizer
 
 def test_every_peer_is_described() -> None:
     assert {"fx_optim", "no_optimizer", "compiled_opt", "compiled_autograd", "torch_hooks"} <= set(PEERS)
+
+
+def test_saved_activations_count_each_storage_once_and_inputs_never() -> None:
+    def forward(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = (x @ weight).split(4, dim=1)  # three views of one projection
+        return q, k, v, weight.t(), x.relu()  # weight.t(): a view of an input, free
+
+    graph = make_fx(forward, tracing_mode="fake")(torch.randn(2, 8), torch.randn(8, 12))
+    assert floors.saved_activation_bytes(graph) == (2 * 12 + 2 * 8) * 4
+
+
+def test_memory_floor_counts_a_tied_weights_partial_gradients_together() -> None:
+    untied = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 100, bias=False))
+    tied = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 100, bias=False))
+    tied[1].weight = tied[0].weight
+    gradient = 100 * 8 * 4
+    assert floors.memory_floor(10, untied) == 10 + gradient
+    # The second partial gradient arrives when the activations may be freed; both coexist.
+    assert floors.memory_floor(10, tied) == 2 * gradient
+    assert floors.memory_floor(10 * gradient, tied) == 11 * gradient
