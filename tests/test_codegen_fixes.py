@@ -1,14 +1,24 @@
-"""Our fixes to Inductor's Triton code generation (``_torch_compat.CODEGEN_FIXES``).
+"""Our scoped patches of Inductor and AOTAutograd.
 
-The defect they fix needs a GPU to show (a race between warps), so these tests check the
-mechanism on any machine: which stores get a barrier, that the patch is in place only while
-we compile, and that cache keys name the fixes (an artifact cached without them is not reused).
+- The fix to Triton code generation (``_torch_compat.CODEGEN_FIXES``). The defect it fixes
+  needs a GPU to show (a race between warps), so these tests check the mechanism on any
+  machine: which stores get a barrier, that the patch is in place only while we compile, and
+  that cache keys name the fixes (an artifact cached without them is not reused).
+- The two compile-time fixes (sets read without copies, inputs looked up in a set): the same
+  answers as the copies they replace, in place only while we compile.
 """
 
 from types import SimpleNamespace
 
+import torch
+from torch._functorch import config as functorch_config
+from torch._functorch import partitioners
+from torch._inductor import config as inductor_config
 from torch._inductor.codegen.triton import TritonKernel
+from torch._inductor.scheduler import BaseSchedulerNode
+from torch.utils._ordered_set import OrderedSet
 
+import fx_optim_pass as fop
 from fx_optim_pass import _torch_compat as compat
 
 
@@ -48,3 +58,44 @@ def test_cache_key_names_the_codegen_fixes():
 
     assert compat._ChainedPass(None, Ours()).uuid() == (None, "ours", compat.CODEGEN_FIXES)
     assert "inplace-store-barrier-in-reductions" in compat.CODEGEN_FIXES
+
+
+def test_union_view_answers_as_the_union_it_replaces():
+    ancestors, removed, completed = OrderedSet(["a", "b"]), OrderedSet(["b", "c"]), OrderedSet(["d"])
+    view = compat.UnionView(ancestors) | removed | completed
+    union = ancestors | removed | completed
+    assert isinstance(view, compat.UnionView)
+    assert all((name in view) == (name in union) for name in "abcdez")
+    assert list(view) == list(union) and len(view) == len(union) == 4
+    assert view & OrderedSet(["c", "z"]) == {"c"}  # any other set operation still works
+
+
+def test_indexed_list_is_the_list_with_set_membership():
+    nodes = list(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)).graph.nodes)
+    indexed = compat.IndexedList(nodes[:2])
+    assert indexed == nodes[:2] and isinstance(indexed, list)
+    assert all((node in indexed) == (node in nodes[:2]) for node in nodes)
+
+
+def test_compile_time_fixes_are_in_place_only_while_we_compile(monkeypatch):
+    seen = {}
+    original = BaseSchedulerNode.decide_inplace_update
+
+    def spy(self):
+        seen["decide"] = BaseSchedulerNode.__dict__["decide_inplace_update"]
+        seen["ancestors"] = type(self.ancestors)
+        seen["extract"] = partitioners._extract_graph_with_inputs_outputs
+        return original(self)
+
+    monkeypatch.setattr(BaseSchedulerNode, "decide_inplace_update", spy)
+    extract = partitioners._extract_graph_with_inputs_outputs
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        torch.compile(model, backend=fop.backend, fullgraph=True)(torch.randn(3, 4)).sum().backward()
+    # While Inductor generated code, ours wrapped the spy and handed it the view.
+    assert seen["decide"]._fx_optim_patch and seen["ancestors"] is compat.UnionView
+    assert seen["extract"] is not extract and seen["extract"]._fx_optim_patch
+    assert BaseSchedulerNode.__dict__["decide_inplace_update"] is spy
+    assert partitioners._extract_graph_with_inputs_outputs is extract
