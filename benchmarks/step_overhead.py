@@ -1,12 +1,19 @@
 """fx_optim's own Python per step, as parameter tensors grow (issue #4, scale).
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.step_overhead 50 200 400 1000
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.step_overhead 100 400 --by-op
 
 Builds the scale benchmark's model (tiny Linear(16, 16) layers, AdamW in the backward),
-compiles it with Inductor, then runs ``--steps`` steps under cProfile and prints, per step,
-the time spent in the package's own functions (their ``tottime``: the variant key, the
-run-time inputs, the backward guard), and the functions that spend most of it. The
-profiler slows Python down, so compare sizes with each other, not with unprofiled steps.
+compiles it with Inductor, prints the median unprofiled step, then runs ``--steps`` steps
+under cProfile and prints, per step, the time spent in the package's own functions (their
+``tottime``: the variant key, the run-time inputs, the backward guard), and the functions
+that spend most of it. The profiler slows Python down, so compare sizes with each other,
+not with unprofiled steps.
+
+``--by-op``: the PyTorch profiler instead, with Inductor's kernels recorded
+(``cpp.enable_kernel_profile``), and the self time per step of each op and region: the
+generated kernels (``cpp_fused_*``, together), the matmuls, and the Python regions around
+them (the compiled region, Inductor's wrapper, Dynamo's guards).
 """
 
 from __future__ import annotations
@@ -14,8 +21,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.peers import build_peer
 from benchmarks.run import OPTIMIZERS, scale_model
@@ -26,7 +38,10 @@ def main() -> None:
     parser.add_argument("tensors", type=int, nargs="+", help="parameter tensor counts (two per layer)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--lines", type=int, default=6, help="the package's costliest functions to list")
+    parser.add_argument("--by-op", action="store_true", help="PyTorch profiler: self time per op and region")
     args = parser.parse_args()
+    if args.by_op:
+        torch._inductor.config.cpp.enable_kernel_profile = True
     for count in args.tensors:
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -34,21 +49,47 @@ def main() -> None:
         peer = build_peer("fx_optim", model, inputs, *OPTIMIZERS["adamw"])
         for _ in range(3):  # compile, then optimizer state
             peer.step()
-        profile = cProfile.Profile()
-        profile.enable()
+        print(f"{count} parameter tensors: median step {median_step_ms(peer.step, args.steps):.2f} ms")
+        if args.by_op:
+            print_self_time_by_op(peer.step, args.steps, args.lines)
+            continue
+        python_profile = cProfile.Profile()
+        python_profile.enable()
         for _ in range(args.steps):
             peer.step()
-        profile.disable()
+        python_profile.disable()
         # pstats' table: (file, line, function) -> (calls, primitive calls, tottime, cumtime, callers)
-        ours = {where: row[2] for where, row in pstats.Stats(profile).stats.items() if "fx_optim_pass" in where[0]}  # type: ignore[attr-defined]
+        table = pstats.Stats(python_profile).stats  # type: ignore[attr-defined]
+        ours = {where: row[2] for where, row in table.items() if "fx_optim_pass" in where[0]}
         per_step_ms = 1e3 / args.steps
         total = sum(ours.values()) * per_step_ms
         per_tensor_us = total / count * 1e3
-        print(
-            f"{count} parameter tensors: {total:.2f} ms per step in fx_optim_pass ({per_tensor_us:.1f} µs per tensor)"
-        )
+        print(f"    {total:.2f} ms per step in fx_optim_pass, profiled ({per_tensor_us:.1f} µs per tensor)")
         for (path, line, function), seconds in sorted(ours.items(), key=lambda item: -item[1])[: args.lines]:
             print(f"    {seconds * per_step_ms:.3f} ms  {path.split('fx_optim_pass/')[-1]}:{line} {function}")
+
+
+def median_step_ms(step: Callable[[], None], steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+def print_self_time_by_op(step: Callable[[], None], steps: int, lines: int) -> None:
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in range(steps):
+            step()
+    self_us: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    for event in profiled.key_averages():
+        name = "cpp_fused_* (Inductor's kernels)" if event.key.startswith("cpp_fused") else event.key
+        self_us[name] += event.self_cpu_time_total / steps
+        calls[name] += event.count / steps
+    for name, micros in self_us.most_common(lines):
+        print(f"    {micros / 1e3:7.3f} ms  {calls[name]:6.0f} calls  {name}")
 
 
 if __name__ == "__main__":
