@@ -90,3 +90,34 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
     timer = benchmark.Timer("dst.copy_(src)", globals={"dst": dst, "src": src})
     seconds = timer.blocked_autorange(min_run_time=1.0).median
     return 2 * nbytes / seconds
+
+
+def main() -> None:
+    """Print each workload's memory floor and its parts, from fx_optim's graphs (no timing)."""
+    import argparse
+
+    from benchmarks.peers import build_peer
+    from benchmarks.run import OPTIMIZERS, workloads
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("models", nargs="+", help="workload names (benchmarks.run)")
+    parser.add_argument("--quick", action="store_true", help="the --quick sizes")
+    parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    args = parser.parse_args()
+    chosen = {workload.name: workload for workload in workloads(args.quick)}
+    for name in args.models:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, inputs = chosen[name].build(torch.device("cpu"))
+        peer = build_peer("fx_optim", model, inputs, *OPTIMIZERS[args.optimizer])
+        peer.step()
+        saved = saved_activation_bytes(peer.graphs["forward"])
+        mib = 2**20
+        print(
+            f"{name}: floor {memory_floor(saved, model) / mib:.2f} MiB (saved activations {saved / mib:.2f}, "
+            f"largest gradient {largest_gradient_bytes(model) / mib:.2f}, tied {tied_gradient_bytes(model) / mib:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
