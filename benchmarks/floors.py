@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
@@ -40,18 +41,16 @@ def saved_activation_bytes(forward: fx.GraphModule) -> int:
     nothing new and are left out; outputs that view one another (q, k and v split from
     one projection) are one storage, counted once.
     """
-    inputs = {StorageWeakRef(value.untyped_storage()) for value in _tensor_values(forward, "placeholder")}
+    graph = forward.graph
+    inputs = {StorageWeakRef(value.untyped_storage()) for value in _fake_tensors(graph.find_nodes(op="placeholder"))}
     saved = {
         StorageWeakRef(value.untyped_storage()): value.untyped_storage().nbytes()
-        for value in _tensor_values(forward, "output")
+        for value in _fake_tensors(graph.output_node().all_input_nodes)
     }
     return sum(nbytes for storage, nbytes in saved.items() if storage not in inputs)
 
 
-def _tensor_values(graph_module: fx.GraphModule, kind: str) -> list[torch.Tensor]:
-    """The fake tensors of the graph's inputs (``placeholder``) or of what it returns (``output``)."""
-    graph = graph_module.graph
-    nodes = graph.find_nodes(op="placeholder") if kind == "placeholder" else graph.output_node().all_input_nodes
+def _fake_tensors(nodes: Iterable[fx.Node]) -> list[torch.Tensor]:
     return [value for node in nodes if isinstance(value := node.meta.get("val"), torch.Tensor)]
 
 
