@@ -21,9 +21,9 @@ import pstats
 import time
 
 import torch
-from torch import nn
 
 import fx_optim_pass as fop
+from benchmarks.run import OPTIMIZERS, scale_model
 
 STAGES = r"(fx_optim_pass|scheduler|graph_compile|compile_fx|partitioners|codegen/cpp)"
 
@@ -36,13 +36,14 @@ def main() -> None:
     parser.add_argument("--against", nargs=2, metavar=("PROFILE", "TENSORS"), help="a smaller size's --save file")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(args.tensors // 2)])
-    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 1e-3})
+    model, inputs = scale_model(args.tensors, torch.device("cpu"))
+    optimizer_class, kwargs = OPTIMIZERS["adamw"]
+    fop.apply_optimizer_in_backward(optimizer_class, model.parameters(), kwargs)
     step = torch.compile(model, backend=fop.backend, fullgraph=True)
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
-    step(torch.randn(4, 16)).sum().backward()
+    step(*inputs).backward()
     profile.disable()
     print(f"first call: {time.perf_counter() - started:.1f} s for {args.tensors} parameter tensors")
     if args.save:
