@@ -491,7 +491,71 @@ def compile_inductor(
         if not use_caches:  # looked up when the forward compiles, inside this block
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
         stack.enter_context(partition_inputs_looked_up_in_a_set())
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)  # type: ignore[return-value]
+        return compile_fx(  # type: ignore[return-value]
+            gm,
+            example_inputs,
+            inner_compile=inner_compile,
+            config_patches=patches,
+            decompositions=decompositions_for_inductor(),
+        )
+
+
+# Decompositions Inductor's table applies although Inductor lowers the op itself, with less
+# memory. torch 2.13 added a scatter_add decomposition of max-pool backward (pytorch#167318):
+# each pooled layer's backward materializes int64 indices twice, a flat copy of the output
+# gradient and a zeroed input-sized buffer, then scatters. In the benchmark's convnet
+# (batch 32, 32x32 images) that is 5 MiB beside its 4 MiB input gradient, the peak of the
+# step; the gather lowering it replaced (torch 2.11, kept in 2.13) writes each input
+# gradient in one pass. pytorch#195123 reports the same decomposition's waste.
+_LOWERED_RATHER_THAN_DECOMPOSED = (torch.ops.aten.max_pool2d_with_indices_backward,)
+
+
+class _DecompositionTable(dict[Any, Callable[..., Any]]):
+    """Pickled as a call of ``decompositions_for_inductor``: Inductor's cache keys pickle the
+    table, and some of its functions cannot be pickled (every cache would be bypassed). The
+    name stands for the content: ``CODEGEN_FIXES`` names the change in every cache key."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return decompositions_for_inductor, ()
+
+
+def decompositions_for_inductor() -> dict[Any, Callable[..., Any]]:
+    """Inductor's decomposition table, less the decompositions of ops in
+    ``_LOWERED_RATHER_THAN_DECOMPOSED`` that Inductor also has a lowering for."""
+    from torch._inductor.lowering import lowerings
+
+    lowered = {
+        overload
+        for packet in _LOWERED_RATHER_THAN_DECOMPOSED
+        for overload in (getattr(packet, name) for name in packet.overloads())
+        if overload in lowerings
+    }
+    return _DecompositionTable((op, fn) for op, fn in select_decomp_table().items() if op not in lowered)
+
+
+def pool_backward_reads_only_input_shape(joint: fx.Graph) -> None:
+    """Hand each max-pool backward an uninitialized stand-in for the pooled input.
+
+    The op reads only that input's sizes and strides (Inductor's lowering and ATen's CPU and
+    CUDA kernels alike), but the partitioner cannot know: the input of an op it cannot fuse
+    must be materialized in the backward, so it saves the pooled activation (often a ReLU's
+    output it would otherwise recompute from what BatchNorm's backward saves anyway). The
+    stand-in depends on nothing in the forward, and Inductor drops it as unread. Left alone
+    where the input's sizes or strides are symbolic.
+    """
+    aten = torch.ops.aten
+    for node in joint.find_nodes(op="call_function", target=aten.max_pool2d_with_indices_backward.default):
+        pooled = node.args[1]
+        value = pooled.meta.get("val") if isinstance(pooled, fx.Node) else None
+        if not isinstance(value, torch.Tensor) or not all(isinstance(n, int) for n in (*value.shape, *value.stride())):
+            continue
+        size, stride = list(value.shape), list(value.stride())
+        with joint.inserting_before(node):
+            stand_in = joint.call_function(
+                aten.empty_strided.default, (size, stride), {"dtype": value.dtype, "device": value.device}
+            )
+        stand_in.meta["val"] = value.new_empty_strided(size, stride)
+        node.replace_input_with(pooled, stand_in)
 
 
 # Inductor looks for fusions among the nodes that read one buffer, checking each against the
@@ -588,6 +652,7 @@ class _ChainedPass(CustomGraphPass):
         if self.first is not None:
             self.first(graph)
         self.second(graph)
+        pool_backward_reads_only_input_shape(graph)
 
     def uuid(self) -> Any:
         first_uuid = self.first.uuid() if hasattr(self.first, "uuid") else None
@@ -597,7 +662,7 @@ class _ChainedPass(CustomGraphPass):
 # ---------------------------------------------------------------- Inductor codegen fixes
 
 # Named in the cache key of every graph we compile (see ``_ChainedPass.uuid``).
-CODEGEN_FIXES = ("inplace-store-barrier-in-reductions",)
+CODEGEN_FIXES = ("inplace-store-barrier-in-reductions", "max-pool-backward-lowered")
 
 
 def needs_barrier_before_store(kernel: Any, name: str) -> bool:

@@ -6,8 +6,11 @@
   that cache keys name the fixes (an artifact cached without them is not reused).
 - The two compile-time fixes (sets read without copies, inputs looked up in a set): the same
   answers as the copies they replace, in place only while we compile.
+- The decomposition table we hand Inductor: its own, less the scatter-based max-pool backward
+  (what that saves: ``tests/test_parity.py``), and pickled by name for the cache keys.
 """
 
+import pickle
 from types import SimpleNamespace
 
 import torch
@@ -15,6 +18,7 @@ from torch._functorch import config as functorch_config
 from torch._functorch import partitioners
 from torch._inductor import config as inductor_config
 from torch._inductor.codegen.triton import TritonKernel
+from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.scheduler import BaseSchedulerNode
 from torch.utils._ordered_set import OrderedSet
 
@@ -58,6 +62,20 @@ def test_cache_key_names_the_codegen_fixes():
 
     assert compat._ChainedPass(None, Ours()).uuid() == (None, "ours", compat.CODEGEN_FIXES)
     assert "inplace-store-barrier-in-reductions" in compat.CODEGEN_FIXES
+
+
+def test_decomposition_table_is_inductors_less_max_pool_backward():
+    aten = torch.ops.aten
+    table, inductors = compat.decompositions_for_inductor(), select_decomp_table()
+    assert aten.max_pool2d_with_indices_backward.default not in table
+    assert {op: fn for op, fn in inductors.items() if op in table} == table
+    assert set(inductors) - set(table) <= {
+        aten.max_pool2d_with_indices_backward.default,
+        aten.max_pool2d_with_indices_backward.grad_input,
+    }
+    # Cache keys pickle it: by name, as Inductor's own table is (its functions cannot all be).
+    assert pickle.loads(pickle.dumps(table)) == table
+    assert "max-pool-backward-lowered" in compat.CODEGEN_FIXES
 
 
 def test_union_view_answers_as_the_union_it_replaces():

@@ -161,6 +161,27 @@ def test_conv_weights_are_updated(mode, device):
     train_side_by_side(model.to(device), torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, mode, inputs)
 
 
+@pytest.mark.parametrize("dilation", [1, 2], ids=["inductor-lowering", "aten-kernel"])
+def test_max_pool_backward_needs_no_saved_pooled_input(dilation, device):
+    """Max-pool's backward reads only the shape of the pooled input, so the forward saves no
+    ReLU output for it (BatchNorm's saved input recomputes it), and it runs as Inductor's own
+    lowering, not torch 2.13's scatter decomposition. With dilation Inductor calls ATen's
+    kernel instead, given the same shape-only stand-in: parity there too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2, dilation=dilation), nn.Flatten()
+    ).to(device)
+    inputs = [torch.randn(2, 2, 8, 8, device=device) for _ in range(STEPS)]
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    backend = fop.make_backend(observer=lambda kind, gm: graphs.setdefault(kind, gm))
+    compile = lambda m: torch.compile(m, backend=backend, fullgraph=True)  # noqa: E731
+    train_side_by_side(model, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "inductor", inputs, compile=compile)
+    aten = torch.ops.aten
+    saved = graphs["forward"].graph.output_node().all_input_nodes
+    assert not [node for node in saved if node.target is aten.relu.default]
+    assert graphs["backward"].graph.find_nodes(op="call_function", target=aten.max_pool2d_with_indices_backward.default)
+
+
 def test_conv_weights_are_updated_with_channels_last_convolutions(device):
     """With Inductor's layout optimization on (forced: on CUDA its heuristics skip small convs),
     the convs run channels-last on their own copies of the weights while the updates reach the
