@@ -1,9 +1,11 @@
 """The two floors the targets are stated against (DESIGN.md section 3).
 
-- Memory: what must be alive at the worst moment of the step: the activations
-  the forward saves for backward plus the largest single gradient, or a tied
-  weight's partial gradients, which coexist until summed. The saved activations
-  are read off the forward graph that AOTAutograd's partitioner produced.
+- Memory: what must be alive at the worst moment of the step, the worst of three
+  moments read off the graphs AOTAutograd's partitioner produced:
+  - a gradient is made while the activations the forward saved for backward exist;
+  - a tied weight's partial gradients coexist until summed;
+  - a library call of the backward (a convolution's or matmul's backward) runs with its
+    inputs and outputs, and the saved activations that later work still needs.
 - Bandwidth: the bytes an update must read and write, over this machine's
   copy bandwidth measured in the same run.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+import networkx as nx  # torch's own dependency (its partitioner's min cut)
 import torch
 import torch.fx as fx
 from torch import nn
@@ -20,6 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import benchmark
 
 __all__ = [
+    "backward_call_bytes",
     "copy_bandwidth",
     "largest_gradient_bytes",
     "memory_floor",
@@ -54,6 +58,102 @@ def _fake_tensors(nodes: Iterable[fx.Node]) -> list[torch.Tensor]:
     return [value for node in nodes if isinstance(value := node.meta.get("val"), torch.Tensor)]
 
 
+# Ops Inductor runs as whole calls into ATen or a library (oneDNN, cuBLAS), in its default
+# configuration: their inputs are in memory when they run, and they write their outputs whole.
+_aten = torch.ops.aten
+LIBRARY_CALLS = {
+    _aten.convolution_backward.default,
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    *(
+        getattr(_aten, name).default
+        for name in (
+            "_scaled_dot_product_flash_attention_for_cpu_backward",
+            "_scaled_dot_product_flash_attention_backward",
+            "_scaled_dot_product_efficient_attention_backward",
+            "_scaled_dot_product_cudnn_attention_backward",
+        )
+        if hasattr(_aten, name)
+    ),
+}
+
+
+def backward_call_bytes(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
+    """The fewest bytes alive during the backward's worst library call, in any order of its work.
+
+    During a call in ``LIBRARY_CALLS``: its inputs and outputs, plus whatever crosses the call,
+    at least the minimum cut between what must run before it (itself and the library calls it
+    depends on) and what must run after (what depends on it): a value computed before and read
+    after is in memory throughout. Saved activations are computed before. Any other value may
+    be recomputed later rather than kept (as Inductor inlines pointwise code), so only library
+    calls are pinned before. Storages are counted once (views share them), those of the
+    forward's inputs (parameters, optimizer state, the batch) not at all: they exist before
+    the step.
+    """
+    before_step = {storage for node in forward.graph.find_nodes(op="placeholder") for storage in _storages(node)}
+    nodes = [node for node in backward.graph.nodes if node.op != "get_attr"]
+    sizes = {storage: nbytes for node in nodes for storage, nbytes in _storages(node).items()}
+    reads = {node: {s for arg in node.all_input_nodes for s in _storages(arg)} for node in nodes}
+    worst = 0
+    for call in (node for node in nodes if node.target in LIBRARY_CALLS):
+        at_call = (reads[call] | _storages(call).keys()) - before_step
+        crossing = _min_crossing_bytes(call, nodes, reads, sizes, before_step | at_call)
+        worst = max(worst, sum(sizes[s] for s in at_call) + crossing)
+    return worst
+
+
+def _min_crossing_bytes(
+    call: fx.Node,
+    nodes: list[fx.Node],
+    reads: dict[fx.Node, set[StorageWeakRef]],
+    sizes: dict[StorageWeakRef, int],
+    free: set[StorageWeakRef],
+) -> int:
+    """Minimum over the orders of ``nodes`` of the bytes computed before ``call`` and read after.
+
+    A node on the source side last ran before the call, on the sink side it runs (again) after.
+    Vertices: ("ran", node) for each node; ("computed", node), on the source side when the
+    node ran at least once before the call; ("held", s) to ("read", s), the one finite edge per
+    storage ``s``, cut when ``s`` is computed before and read after.
+    """
+    graph = nx.DiGraph()
+    after = {call: None}  # what depends on the call, in graph order
+    for node in nodes:
+        if any(arg in after for arg in node.all_input_nodes):
+            after[node] = None
+    for node in nodes:
+        ran, computed = ("ran", node), ("computed", node)
+        graph.add_edge(ran, computed)  # last ran before: ran before at least once
+        if node.target in LIBRARY_CALLS or node.op == "placeholder":
+            graph.add_edge(computed, ran)  # runs once: if it ran before, that was its last run
+        for arg in node.all_input_nodes:
+            graph.add_edge(computed, ("computed", arg))  # it read its inputs when it ran
+        for storage in _storages(node):
+            graph.add_edge(ran, ("held", storage))
+        for storage in reads[node]:
+            graph.add_edge(("read", storage), ran)
+        if node.op == "placeholder" or node is call:
+            graph.add_edge("source", ran)
+        if (node in after and node is not call) or node.op == "output":
+            graph.add_edge(ran, "sink")
+    for storage, nbytes in sizes.items():
+        graph.add_edge(("held", storage), ("read", storage), capacity=0 if storage in free else nbytes)
+    # Boykov-Kolmogorov: half the time of networkx's default on these graphs, same cut.
+    crossing, _ = nx.minimum_cut(graph, "source", "sink", flow_func=nx.algorithms.flow.boykov_kolmogorov)
+    return int(crossing)
+
+
+def _storages(node: fx.Node) -> dict[StorageWeakRef, int]:
+    """The storages of the tensors ``node`` produces (a tuple's too), with their sizes in bytes."""
+    value = node.meta.get("val")
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return {
+        StorageWeakRef(v.untyped_storage()): v.untyped_storage().nbytes() for v in values if isinstance(v, torch.Tensor)
+    }
+
+
 def largest_gradient_bytes(model: nn.Module) -> int:
     """The largest single gradient: one parameter's, or one partial gradient of a tied weight."""
     return max(p.numel() * p.element_size() for p in model.parameters())
@@ -65,15 +165,17 @@ def tied_gradient_bytes(model: nn.Module) -> int:
     return max(p.numel() * p.element_size() * uses[id(p)] for p in model.parameters())
 
 
-def memory_floor(saved_bytes: int, model: nn.Module) -> int:
-    """The bytes alive at the worse of two moments every step has.
+def memory_floor(saved_bytes: int, model: nn.Module, call_bytes: int = 0) -> int:
+    """The bytes alive at the worst of three moments every step has.
 
     - A gradient is made while the saved activations exist (DESIGN.md section 3: saved
       activations + the largest single gradient).
     - A tied weight's partial gradients are summed: they all exist then, but not with every
       saved activation (its last partial arrives at the end of the backward).
+    - The backward's worst library call (``backward_call_bytes``): with its own inputs and
+      outputs, the activation gradients among them, which the first moment leaves out.
     """
-    return max(saved_bytes + largest_gradient_bytes(model), tied_gradient_bytes(model))
+    return max(saved_bytes + largest_gradient_bytes(model), tied_gradient_bytes(model), call_bytes)
 
 
 def update_bytes(optimizer_class: type[torch.optim.Optimizer], model: nn.Module) -> int:
@@ -111,10 +213,12 @@ def main() -> None:
         peer = build_peer("fx_optim", model, inputs, *OPTIMIZERS[args.optimizer])
         peer.step()
         saved = saved_activation_bytes(peer.graphs["forward"])
+        call = backward_call_bytes(peer.graphs["forward"], peer.graphs["backward"])
         mib = 2**20
         print(
-            f"{name}: floor {memory_floor(saved, model) / mib:.2f} MiB (saved activations {saved / mib:.2f}, "
-            f"largest gradient {largest_gradient_bytes(model) / mib:.2f}, tied {tied_gradient_bytes(model) / mib:.2f})"
+            f"{name}: floor {memory_floor(saved, model, call) / mib:.2f} MiB (saved activations {saved / mib:.2f}, "
+            f"largest gradient {largest_gradient_bytes(model) / mib:.2f}, tied {tied_gradient_bytes(model) / mib:.2f}, "
+            f"worst backward call {call / mib:.2f})"
         )
 
 

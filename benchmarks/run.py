@@ -196,6 +196,7 @@ def bench_config(
 
     fx_graphs = next((peer.graphs for peer in peers if peer.name == "fx_optim"), {})
     saved = floors.saved_activation_bytes(fx_graphs["forward"]) if "forward" in fx_graphs else None
+    call = floors.backward_call_bytes(fx_graphs["forward"], fx_graphs["backward"]) if "backward" in fx_graphs else 0
     update = floors.update_bytes(optimizer_class, model)
     return {
         "model": workload.name,
@@ -207,7 +208,8 @@ def bench_config(
             "saved_activation_bytes": saved,
             "largest_gradient_bytes": floors.largest_gradient_bytes(model),
             "tied_gradient_bytes": floors.tied_gradient_bytes(model),
-            "memory_bytes": None if saved is None else floors.memory_floor(saved, model),
+            "backward_call_bytes": call,
+            "memory_bytes": None if saved is None else floors.memory_floor(saved, model, call),
             "update_bytes": update,
             "update_s": update / bandwidth,
         },

@@ -11,7 +11,9 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from benchmarks import floors, run
-from benchmarks.peers import PEERS
+from benchmarks.peers import PEERS, build_peer
+from fx_optim_pass import models as fop_models
+from fx_optim_pass.measure import peak_step_memory
 
 
 @pytest.mark.parametrize("optimizer", ["sgd"])
@@ -71,3 +73,40 @@ def test_memory_floor_counts_a_tied_weights_partial_gradients_together() -> None
     # The second partial gradient arrives when the activations may be freed; both coexist.
     assert floors.memory_floor(10, tied) == 2 * gradient
     assert floors.memory_floor(10 * gradient, tied) == 11 * gradient
+
+
+def test_backward_call_floor_counts_what_must_cross_the_call() -> None:
+    def backward(saved: torch.Tensor, other: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        kept = saved.relu()  # independent of the call: before or after it, saved or kept crosses it
+        total = other.sum()  # a reduction: run before the call, only its result crosses
+        grad_input = torch.mm(grad, weight)  # the call
+        return grad_input * kept * total + grad_input * saved.t()  # saved.t(): the same storage
+
+    no_inputs = make_fx(lambda: torch.zeros(1), tracing_mode="fake")()
+    graph = make_fx(backward, tracing_mode="fake")(
+        torch.randn(64, 64), torch.randn(64, 64), torch.randn(64, 8), torch.randn(8, 64)
+    )
+    call_io = (64 * 8 + 8 * 64 + 64 * 64) * 4  # grad, weight, grad_input
+    crossing = 64 * 64 * 4 + 4  # saved (or kept), and the sum
+    assert floors.backward_call_bytes(no_inputs, graph) == call_io + crossing
+    # The step's inputs (here, the weight) exist before the step: not counted.
+    forward = make_fx(lambda weight: weight * 1, tracing_mode="fake")(torch.randn(8, 64))
+    (forward_weight,) = forward.graph.find_nodes(op="placeholder")
+    backward_weight = graph.graph.find_nodes(op="placeholder")[3]
+    backward_weight.meta["val"] = forward_weight.meta["val"]
+    assert floors.backward_call_bytes(forward, graph) == call_io + crossing - 8 * 64 * 4
+    assert floors.memory_floor(0, nn.Linear(1, 1), call_bytes=123) == 123
+
+
+def test_backward_call_floor_is_below_the_measured_peak() -> None:
+    # A floor above what a real step reaches would be wrong, not strict: fx_optim's own step on a
+    # convnet whose activation gradients (not in the saved-activations floor) set its peak.
+    torch.manual_seed(0)
+    model = run.WithLoss(fop_models.convnet(channels=(8, 16)), nn.functional.cross_entropy)
+    inputs = (torch.randn(8, 3, 16, 16), torch.randint(10, (8,)))
+    peer = build_peer("fx_optim", model, inputs, *run.OPTIMIZERS["sgd"])
+    peer.step()
+    saved = floors.saved_activation_bytes(peer.graphs["forward"])
+    call = floors.backward_call_bytes(peer.graphs["forward"], peer.graphs["backward"])
+    assert call > saved + floors.largest_gradient_bytes(model)  # the moment the old floor missed
+    assert peak_step_memory(peer.step) >= floors.memory_floor(saved, model, call)
