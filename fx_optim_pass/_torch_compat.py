@@ -540,22 +540,32 @@ def pool_backward_reads_only_input_shape(joint: fx.Graph) -> None:
     CUDA kernels alike), but the partitioner cannot know: the input of an op it cannot fuse
     must be materialized in the backward, so it saves the pooled activation (often a ReLU's
     output it would otherwise recompute from what BatchNorm's backward saves anyway). The
-    stand-in depends on nothing in the forward, and Inductor drops it as unread. Left alone
-    where the input's sizes or strides are symbolic.
+    stand-in depends on the input only through its symbolic sizes and strides, if any
+    (integers the partitioner saves), and Inductor drops it as unread.
     """
     aten = torch.ops.aten
     for node in joint.find_nodes(op="call_function", target=aten.max_pool2d_with_indices_backward.default):
         pooled = node.args[1]
         value = pooled.meta.get("val") if isinstance(pooled, fx.Node) else None
-        if not isinstance(value, torch.Tensor) or not all(isinstance(n, int) for n in (*value.shape, *value.stride())):
+        if not isinstance(value, torch.Tensor):
             continue
-        size, stride = list(value.shape), list(value.stride())
         with joint.inserting_before(node):
+            size = [_int_or_node(joint, aten.sym_size.int, pooled, d, n) for d, n in enumerate(value.shape)]
+            stride = [_int_or_node(joint, aten.sym_stride.int, pooled, d, n) for d, n in enumerate(value.stride())]
             stand_in = joint.call_function(
                 aten.empty_strided.default, (size, stride), {"dtype": value.dtype, "device": value.device}
             )
-        stand_in.meta["val"] = value.new_empty_strided(size, stride)
+        stand_in.meta["val"] = value.new_empty_strided(value.shape, value.stride())
         node.replace_input_with(pooled, stand_in)
+
+
+def _int_or_node(graph: fx.Graph, read: Any, tensor: fx.Node, dim: int, number: Any) -> Any:
+    """``number`` (one size or stride of ``tensor``) itself, or a node that reads it if symbolic."""
+    if isinstance(number, int):
+        return number
+    node = graph.call_function(read, (tensor, dim))
+    node.meta["val"] = number
+    return node
 
 
 # Inductor looks for fusions among the nodes that read one buffer, checking each against the

@@ -161,17 +161,36 @@ def test_conv_weights_are_updated(mode, device):
     train_side_by_side(model.to(device), torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, mode, inputs)
 
 
-@pytest.mark.parametrize("dilation", [1, 2], ids=["inductor-lowering", "aten-kernel"])
-def test_max_pool_backward_needs_no_saved_pooled_input(dilation, device):
+POOLS = {
+    "inductor-lowering": {"kernel_size": 2},
+    "overlapping-windows": {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+    "aten-kernel": {"kernel_size": 2, "dilation": 2},  # Inductor's lowering has no dilation
+}
+
+
+@pytest.mark.parametrize("pool", POOLS.values(), ids=POOLS.keys())
+def test_max_pool_backward_needs_no_saved_pooled_input(pool, device):
     """Max-pool's backward reads only the shape of the pooled input, so the forward saves no
     ReLU output for it (BatchNorm's saved input recomputes it), and it runs as Inductor's own
     lowering, not torch 2.13's scatter decomposition. With dilation Inductor calls ATen's
     kernel instead, given the same shape-only stand-in: parity there too."""
+    inputs = [torch.randn(2, 2, 8, 8, device=device) for _ in range(STEPS)]
+    check_max_pool_backward(pool, inputs, device)
+
+
+def test_max_pool_backward_stand_in_with_a_dynamic_batch(device):
+    """A symbolic batch size: the stand-in reads it from the pooled input (an integer saved)."""
+    inputs = [torch.randn(2 + i, 2, 8, 8, device=device) for i in range(STEPS)]
+    for x in inputs:
+        torch._dynamo.mark_dynamic(x, 0)
+    check_max_pool_backward(POOLS["inductor-lowering"], inputs, device)
+
+
+def check_max_pool_backward(pool: dict, inputs: list[torch.Tensor], device: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2, dilation=dilation), nn.Flatten()
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(**pool), nn.Flatten()
     ).to(device)
-    inputs = [torch.randn(2, 2, 8, 8, device=device) for _ in range(STEPS)]
     graphs: dict[str, torch.fx.GraphModule] = {}
     backend = fop.make_backend(observer=lambda kind, gm: graphs.setdefault(kind, gm))
     compile = lambda m: torch.compile(m, backend=backend, fullgraph=True)  # noqa: E731
