@@ -98,15 +98,15 @@ def test_backward_call_floor_counts_what_must_cross_the_call() -> None:
     assert floors.memory_floor(0, nn.Linear(1, 1), call_bytes=123) == 123
 
 
-def test_backward_call_floor_is_below_the_measured_peak() -> None:
+def test_backward_call_floor_is_below_the_measured_peak(device: str) -> None:
     # A floor above what a real step reaches would be wrong, not strict: fx_optim's own step on a
     # convnet whose activation gradients (not in the saved-activations floor) set its peak.
     torch.manual_seed(0)
-    model = run.WithLoss(fop_models.convnet(channels=(8, 16)), nn.functional.cross_entropy)
-    inputs = (torch.randn(8, 3, 16, 16), torch.randint(10, (8,)))
+    model = run.WithLoss(fop_models.convnet(channels=(8, 16)), nn.functional.cross_entropy).to(device)
+    inputs = (torch.randn(8, 3, 16, 16, device=device), torch.randint(10, (8,), device=device))
     peer = build_peer("fx_optim", model, inputs, *run.OPTIMIZERS["sgd"])
     peer.step()
     saved = floors.saved_activation_bytes(peer.graphs["forward"])
     call = floors.backward_call_bytes(peer.graphs["forward"], peer.graphs["backward"])
     assert call > saved + floors.largest_gradient_bytes(model)  # the moment the old floor missed
-    assert peak_step_memory(peer.step) >= floors.memory_floor(saved, model, call)
+    assert peak_step_memory(peer.step, device) >= floors.memory_floor(saved, model, call)
