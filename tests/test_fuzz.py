@@ -1,6 +1,6 @@
 """Random small models with random in-backward optimizers train exactly like eager torch.optim.
 
-Each example draws a model (a Linear/LayerNorm MLP, a Conv2d/BatchNorm net, or an
+Each example draws a model (a Linear/LayerNorm MLP, a Conv2d/BatchNorm/MaxPool net, or an
 Embedding language model whose embedding may be tied to the output projection), its
 sizes and batch shapes, and a role for every parameter: one or two in-backward
 optimizers with random settings (several optimizers in one model), or a plain
@@ -199,6 +199,8 @@ class ConvNet(nn.Module):
                 nn.BatchNorm2d(spec.width),
                 nn.ReLU(),
             ]
+            if depth == 0:  # 4x4 to 2x2, so that the second conv (2x2, unpadded) still fits
+                layers.append(nn.MaxPool2d(2))
             channels_in = spec.width
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(spec.width, 3)
