@@ -652,8 +652,9 @@ def _comm_overlap() -> dict[str, Any]:
 
 
 class _ChainedPass(CustomGraphPass):
-    """Run a user's joint pass (if any) first, then ours; the cache key covers both and the
-    codegen fixes (``CODEGEN_FIXES``) that ``compile_inductor`` applies."""
+    """Run a user's joint pass (if any) first, then ours, then the max-pool stand-in
+    (``pool_backward_reads_only_input_shape``); the cache key covers both passes and the
+    fixes (``CODEGEN_FIXES``) that ``compile_inductor`` applies."""
 
     def __init__(self, first: Any, second: CustomGraphPass) -> None:
         self.first, self.second = first, second
