@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 import networkx as nx  # torch's own dependency (its partitioner's min cut)
 import torch
@@ -45,17 +46,26 @@ def saved_activation_bytes(forward: fx.GraphModule) -> int:
     nothing new and are left out; outputs that view one another (q, k and v split from
     one projection) are one storage, counted once.
     """
-    graph = forward.graph
-    inputs = {StorageWeakRef(value.untyped_storage()) for value in _fake_tensors(graph.find_nodes(op="placeholder"))}
-    saved = {
-        StorageWeakRef(value.untyped_storage()): value.untyped_storage().nbytes()
-        for value in _fake_tensors(graph.output_node().all_input_nodes)
-    }
+    inputs = _step_input_storages(forward)
+    saved = _storages(*forward.graph.output_node().all_input_nodes)
     return sum(nbytes for storage, nbytes in saved.items() if storage not in inputs)
 
 
-def _fake_tensors(nodes: Iterable[fx.Node]) -> list[torch.Tensor]:
-    return [value for node in nodes if isinstance(value := node.meta.get("val"), torch.Tensor)]
+def _step_input_storages(forward: fx.GraphModule) -> set[StorageWeakRef]:
+    """The storages of the step's inputs (parameters, optimizer state, the batch): they exist before it."""
+    return set(_storages(*forward.graph.find_nodes(op="placeholder")))
+
+
+def _storages(*nodes: fx.Node) -> dict[StorageWeakRef, int]:
+    """The storages of the tensors ``nodes`` produce (a tuple's too), with their sizes in bytes."""
+    values = [v for node in nodes for v in _values(node.meta.get("val"))]
+    return {
+        StorageWeakRef(v.untyped_storage()): v.untyped_storage().nbytes() for v in values if isinstance(v, torch.Tensor)
+    }
+
+
+def _values(value: Any) -> Iterable[Any]:
+    return value if isinstance(value, (tuple, list)) else [value]
 
 
 # Ops Inductor runs as whole calls into ATen or a library (oneDNN, cuBLAS), in its default
@@ -92,66 +102,63 @@ def backward_call_bytes(forward: fx.GraphModule, backward: fx.GraphModule) -> in
     forward's inputs (parameters, optimizer state, the batch) not at all: they exist before
     the step.
     """
-    before_step = {storage for node in forward.graph.find_nodes(op="placeholder") for storage in _storages(node)}
+    before_step = _step_input_storages(forward)
     nodes = [node for node in backward.graph.nodes if node.op != "get_attr"]
-    sizes = {storage: nbytes for node in nodes for storage, nbytes in _storages(node).items()}
-    reads = {node: {s for arg in node.all_input_nodes for s in _storages(arg)} for node in nodes}
+    network = _schedule_network(nodes, before_step)
     worst = 0
     for call in (node for node in nodes if node.target in LIBRARY_CALLS):
-        at_call = (reads[call] | _storages(call).keys()) - before_step
-        crossing = _min_crossing_bytes(call, nodes, reads, sizes, before_step | at_call)
-        worst = max(worst, sum(sizes[s] for s in at_call) + crossing)
+        at_call = {s: n for s, n in _storages(call, *call.all_input_nodes).items() if s not in before_step}
+        worst = max(worst, sum(at_call.values()) + _min_crossing_bytes(network, call, nodes, at_call))
     return worst
 
 
-def _min_crossing_bytes(
-    call: fx.Node,
-    nodes: list[fx.Node],
-    reads: dict[fx.Node, set[StorageWeakRef]],
-    sizes: dict[StorageWeakRef, int],
-    free: set[StorageWeakRef],
-) -> int:
-    """Minimum over the orders of ``nodes`` of the bytes computed before ``call`` and read after.
+def _schedule_network(nodes: list[fx.Node], free: set[StorageWeakRef]) -> nx.DiGraph:
+    """The flow network of every order of ``nodes`` around one moment, without the moment.
 
-    A node on the source side last ran before the call, on the sink side it runs (again) after.
+    A node on the source side last ran before it, on the sink side it runs (again) after.
     Vertices: ("ran", node) for each node; ("computed", node), on the source side when the
-    node ran at least once before the call; ("held", s) to ("read", s), the one finite edge per
-    storage ``s``, cut when ``s`` is computed before and read after.
+    node ran at least once before; ("held", s) to ("read", s), the one finite edge per
+    storage ``s`` (its size, 0 if ``free``), cut when ``s`` is computed before and read after.
+    Edges without a capacity are infinite: the implications between these facts.
     """
-    graph = nx.DiGraph()
-    after = {call: None}  # what depends on the call, in graph order
-    for node in nodes:
-        if any(arg in after for arg in node.all_input_nodes):
-            after[node] = None
+    network = nx.DiGraph()
     for node in nodes:
         ran, computed = ("ran", node), ("computed", node)
-        graph.add_edge(ran, computed)  # last ran before: ran before at least once
+        network.add_edge(ran, computed)  # last ran before: ran before at least once
         if node.target in LIBRARY_CALLS or node.op == "placeholder":
-            graph.add_edge(computed, ran)  # runs once: if it ran before, that was its last run
+            network.add_edge(computed, ran)  # runs once: if it ran before, that was its last run
         for arg in node.all_input_nodes:
-            graph.add_edge(computed, ("computed", arg))  # it read its inputs when it ran
-        for storage in _storages(node):
-            graph.add_edge(ran, ("held", storage))
-        for storage in reads[node]:
-            graph.add_edge(("read", storage), ran)
-        if node.op == "placeholder" or node is call:
-            graph.add_edge("source", ran)
-        if (node in after and node is not call) or node.op == "output":
-            graph.add_edge(ran, "sink")
-    for storage, nbytes in sizes.items():
-        graph.add_edge(("held", storage), ("read", storage), capacity=0 if storage in free else nbytes)
+            network.add_edge(computed, ("computed", arg))  # it read its inputs when it ran
+            for storage in _storages(arg):
+                network.add_edge(("read", storage), ran)
+        for storage, nbytes in _storages(node).items():
+            network.add_edge(ran, ("held", storage))
+            network.add_edge(("held", storage), ("read", storage), capacity=0 if storage in free else nbytes)
+        if node.op == "placeholder":
+            network.add_edge("source", ran)
+        if node.op == "output":
+            network.add_edge(ran, "sink")
+    return network
+
+
+def _min_crossing_bytes(
+    network: nx.DiGraph, call: fx.Node, nodes: list[fx.Node], at_call: dict[StorageWeakRef, int]
+) -> int:
+    """Minimum over the orders of ``nodes`` of the bytes computed before ``call`` and read after,
+    besides ``at_call`` (counted already): the ``_schedule_network`` with ``call`` pinned before
+    and all that depends on it after."""
+    network = network.copy()
+    network.add_edge("source", ("ran", call))
+    after = {call}
+    for node in nodes:
+        if any(arg in after for arg in node.all_input_nodes):
+            after.add(node)
+            network.add_edge(("ran", node), "sink")
+    for storage in at_call:
+        network[("held", storage)][("read", storage)]["capacity"] = 0
     # Boykov-Kolmogorov: half the time of networkx's default on these graphs, same cut.
-    crossing, _ = nx.minimum_cut(graph, "source", "sink", flow_func=nx.algorithms.flow.boykov_kolmogorov)
+    crossing, _ = nx.minimum_cut(network, "source", "sink", flow_func=nx.algorithms.flow.boykov_kolmogorov)
     return int(crossing)
-
-
-def _storages(node: fx.Node) -> dict[StorageWeakRef, int]:
-    """The storages of the tensors ``node`` produces (a tuple's too), with their sizes in bytes."""
-    value = node.meta.get("val")
-    values = value if isinstance(value, (tuple, list)) else [value]
-    return {
-        StorageWeakRef(v.untyped_storage()): v.untyped_storage().nbytes() for v in values if isinstance(v, torch.Tensor)
-    }
 
 
 def largest_gradient_bytes(model: nn.Module) -> int:
