@@ -28,6 +28,7 @@ __all__ = [
     "copy_bandwidth",
     "largest_gradient_bytes",
     "memory_floor",
+    "memory_floor_parts",
     "saved_activation_bytes",
     "tied_gradient_bytes",
     "update_bytes",
@@ -185,6 +186,20 @@ def memory_floor(saved_bytes: int, model: nn.Module, call_bytes: int = 0) -> int
     return max(saved_bytes + largest_gradient_bytes(model), tied_gradient_bytes(model), call_bytes)
 
 
+def memory_floor_parts(graphs: dict[str, fx.GraphModule], model: nn.Module) -> dict[str, int | None]:
+    """The memory floor and each of its parts, from fx_optim's ``graphs`` (its observer's
+    "forward" and "backward"); without them (fx_optim not run), no saved activations and no floor."""
+    saved = saved_activation_bytes(graphs["forward"]) if "forward" in graphs else None
+    call = backward_call_bytes(graphs["forward"], graphs["backward"]) if "backward" in graphs else 0
+    return {
+        "saved_activation_bytes": saved,
+        "largest_gradient_bytes": largest_gradient_bytes(model),
+        "tied_gradient_bytes": tied_gradient_bytes(model),
+        "backward_call_bytes": call,
+        "memory_bytes": None if saved is None else memory_floor(saved, model, call),
+    }
+
+
 def update_bytes(optimizer_class: type[torch.optim.Optimizer], model: nn.Module) -> int:
     """Bytes the optimizer update must read and write for all of ``model``'s parameters."""
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -219,13 +234,11 @@ def main() -> None:
         model, inputs = chosen[name].build(torch.device("cpu"))
         peer = build_peer("fx_optim", model, inputs, *OPTIMIZERS[args.optimizer])
         peer.step()
-        saved = saved_activation_bytes(peer.graphs["forward"])
-        call = backward_call_bytes(peer.graphs["forward"], peer.graphs["backward"])
-        mib = 2**20
+        mib = {key: (value or 0) / 2**20 for key, value in memory_floor_parts(peer.graphs, model).items()}
         print(
-            f"{name}: floor {memory_floor(saved, model, call) / mib:.2f} MiB (saved activations {saved / mib:.2f}, "
-            f"largest gradient {largest_gradient_bytes(model) / mib:.2f}, tied {tied_gradient_bytes(model) / mib:.2f}, "
-            f"worst backward call {call / mib:.2f})"
+            f"{name}: floor {mib['memory_bytes']:.2f} MiB (saved activations {mib['saved_activation_bytes']:.2f}, "
+            f"largest gradient {mib['largest_gradient_bytes']:.2f}, tied {mib['tied_gradient_bytes']:.2f}, "
+            f"worst backward call {mib['backward_call_bytes']:.2f})"
         )
 
 

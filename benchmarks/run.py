@@ -195,8 +195,6 @@ def bench_config(
             results[peer.name]["recompiles"] = recompiles(peer, recompile_steps)
 
     fx_graphs = next((peer.graphs for peer in peers if peer.name == "fx_optim"), {})
-    saved = floors.saved_activation_bytes(fx_graphs["forward"]) if "forward" in fx_graphs else None
-    call = floors.backward_call_bytes(fx_graphs["forward"], fx_graphs["backward"]) if "backward" in fx_graphs else 0
     update = floors.update_bytes(optimizer_class, model)
     return {
         "model": workload.name,
@@ -205,11 +203,7 @@ def bench_config(
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameter_tensors": len(list(model.parameters())),
         "floor": {
-            "saved_activation_bytes": saved,
-            "largest_gradient_bytes": floors.largest_gradient_bytes(model),
-            "tied_gradient_bytes": floors.tied_gradient_bytes(model),
-            "backward_call_bytes": call,
-            "memory_bytes": None if saved is None else floors.memory_floor(saved, model, call),
+            **floors.memory_floor_parts(fx_graphs, model),
             "update_bytes": update,
             "update_s": update / bandwidth,
         },

@@ -22,7 +22,6 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -30,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.peers import build_peer
-from benchmarks.run import OPTIMIZERS, scale_model
+from benchmarks.run import OPTIMIZERS, scale_model, timed
 
 
 def main() -> None:
@@ -70,12 +69,7 @@ def main() -> None:
 
 
 def median_step_ms(step: Callable[[], None], steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(timed(step, torch.device("cpu")) for _ in range(steps))
 
 
 def print_self_time_by_op(step: Callable[[], None], steps: int, lines: int) -> None:
