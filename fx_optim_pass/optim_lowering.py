@@ -36,6 +36,7 @@ __all__ = [
     "initialize_state",
     "run_time_floats",
     "runtime_hyperparameters",
+    "setup_key",
     "takes_tensor_lr",
 ]
 
@@ -360,18 +361,25 @@ def compiled_setup(
     return _memoized_setup(optimizer, param_group(optimizer, param, param_name), param)
 
 
+def setup_key(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> tuple[Any, ...]:
+    """What ``compiled_setup`` and the run-time floats other than ``lr`` are made from, read at
+    C speed: equal keys, equal setups and floats. Hashing it raises ``TypeError`` where a
+    setting is unhashable (a list)."""
+    return (
+        type(optimizer),
+        param.dtype,
+        isinstance(group["lr"], torch.Tensor),
+        _read_fields(group, _is_group_setting_key),
+        _read_fields(vars(optimizer), _is_public_attribute),
+    )
+
+
 def _memoized_setup(
     optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor
 ) -> tuple[tuple[str, Any], ...]:
     """``compiled_setup`` for ``param``'s ``group``, already looked up (``run_time_floats`` needs it too)."""
     try:
-        key = (
-            type(optimizer),
-            param.dtype,
-            isinstance(group["lr"], torch.Tensor),
-            _read_fields(group, _is_group_setting_key),
-            _read_fields(vars(optimizer), _is_public_attribute),
-        )
+        key = setup_key(optimizer, group, param)
         setup = _setups.get(key)
     except TypeError:  # an unhashable value: compute it each time
         return _compiled_setup(optimizer, group, param)

@@ -268,3 +268,33 @@ def test_a_float_that_stops_being_equal_gets_an_input_of_its_own(mode, device):
         if step == 0:
             after_first = compiles()
     assert compiles() - after_first == 1
+
+
+@pytest.mark.parametrize("mode", ["aot_eager", "inductor"])
+def test_distinct_lrs_that_change_every_step_each_reach_their_own_parameter(mode, device):
+    """The variant key is memoized on everything but the lr values (``RuntimeSignature``):
+    with two lrs that trade values and drift at every step, each parameter must still get
+    its own lr, from one compile."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+    reference = deepcopy(model)
+    kwargs = {"lr": 0.05, "betas": (0.8, 0.9)}
+    fop.apply_optimizer_in_backward(torch.optim.Adam, model.parameters(), kwargs)
+    opts = [p._in_backward_optimizers[0] for p in model.parameters()]
+    reference_opts = [torch.optim.Adam([p], **kwargs) for p in reference.parameters()]
+    compiled = in_mode(model, mode)
+    for step in range(6):
+        low, high = 0.01 * (1 + step), 0.05 * (1 + step)
+        for index, (optimizer, reference_optimizer) in enumerate(zip(opts, reference_opts)):
+            lr = low if (index + step) % 2 else high  # neighbours differ, and swap every step
+            optimizer.param_groups[0]["lr"] = reference_optimizer.param_groups[0]["lr"] = lr
+        x = torch.randn(4, 6, device=device)
+        compiled(x).pow(2).mean().backward()
+        reference(x).pow(2).mean().backward()
+        for optimizer in reference_opts:
+            optimizer.step()
+            optimizer.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
+        if step == 0:
+            after_first = compiles()
+    assert compiles() - after_first == 0
