@@ -33,8 +33,14 @@ def targets(config: dict[str, Any]) -> dict[str, float | None]:
         "optimizer_cost_vs_bandwidth": (
             (fx["median_step_s"] - no_opt["median_step_s"]) / floor["update_s"] if no_opt else None
         ),
-        "compile_vs_compiled_opt": fx["first_call_s"] / compiled_opt["first_call_s"] if compiled_opt else None,
+        "compile_vs_compiled_opt": compile_s(fx) / compile_s(compiled_opt) if compiled_opt else None,
     }
+
+
+def compile_s(peer: dict[str, Any]) -> float:
+    """A peer's compile time: the first step and the warm-up steps' excess (``run.compile_seconds``);
+    results written before that was measured have the first step alone."""
+    return float(peer["compile_s"] if "compile_s" in peer else peer["first_call_s"])
 
 
 _LIMITS = {
@@ -83,7 +89,7 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "### Every peer: peak MiB above step start / median ms per step / first call s / recompiles",
+        "### Every peer: peak MiB above step start / median ms per step / compile s / recompiles",
         "",
         "| model | optimizer | floor MiB | " + " | ".join(results["peers"]) + " |",
         "|---|---|---|" + "---|" * len(results["peers"]),
@@ -96,7 +102,7 @@ def markdown(results: dict[str, Any]) -> str:
                 cells.append(f"error: {peer['error'][:60]}")
             elif peer:
                 cells.append(
-                    f"{_mib(peer['peak_bytes'])} / {peer['median_step_s'] * 1e3:.1f} / {peer['first_call_s']:.1f}"
+                    f"{_mib(peer['peak_bytes'])} / {peer['median_step_s'] * 1e3:.1f} / {compile_s(peer):.1f}"
                     + (f" / {peer['recompiles']}" if "recompiles" in peer else "")
                 )
             else:
@@ -110,7 +116,7 @@ def markdown(results: dict[str, Any]) -> str:
     if results["scale"]:
         lines += [
             "",
-            "### Scale: tiny Linear(16,16) layers, AdamW; first call s / median ms per step",
+            "### Scale: tiny Linear(16,16) layers, AdamW; compile s / median ms per step",
             "",
             "| parameter tensors | fx_optim | compiled_opt | no_optimizer |",
             "|---|---|---|---|",
@@ -119,7 +125,7 @@ def markdown(results: dict[str, Any]) -> str:
             cells = [
                 f"error: {row[n]['error'][:60]}"
                 if "error" in row[n]
-                else f"{row[n]['first_call_s']:.1f} / {row[n]['median_step_s'] * 1e3:.2f}"
+                else f"{compile_s(row[n]):.1f} / {row[n]['median_step_s'] * 1e3:.2f}"
                 for n in ("fx_optim", "compiled_opt", "no_optimizer")
             ]
             lines.append(f"| {row['parameter_tensors']} | " + " | ".join(cells) + " |")

@@ -11,6 +11,7 @@ are interleaved across rounds so that ratios compare like with like.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -130,13 +131,18 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def first_call(step: Callable[[], None], device: torch.device, fresh: bool) -> float:
-    """Seconds of the first step: for compiled peers, compilation with cold Inductor caches."""
-    if not fresh:
-        return timed(step, device)
-    # Each compiled peer compiles from scratch, so that no peer reuses kernels another built.
-    with fresh_cache():
-        return timed(step, device)
+def first_steps(step: Callable[[], None], device: torch.device, fresh: bool, count: int = 3) -> list[float]:
+    """Seconds of each of the first ``count`` steps. The first compiles (each compiled peer from
+    cold Inductor caches, so that no peer reuses kernels another built); the next create
+    optimizer state, warm autotuning and the allocator, and may compile again: PyTorch's
+    compiled optimizer recompiles its step once SGD's momentum buffers exist."""
+    with fresh_cache() if fresh else contextlib.nullcontext():
+        return [timed(step, device) for _ in range(count)]
+
+
+def compile_seconds(first: Sequence[float], median_step: float) -> float:
+    """Compile time: the first step, plus what each warm-up step took beyond a steady step."""
+    return first[0] + sum(max(0.0, seconds - median_step) for seconds in first[1:])
 
 
 def recompiles(peer: Peer, steps: int) -> int:
@@ -171,15 +177,13 @@ def bench_config(
     for name in tqdm(peer_names, desc=f"{workload.name}/{optimizer}: compile", leave=False):
         try:
             peer = build_peer(name, model, inputs, optimizer_class, kwargs, shared_backend)
-            first = first_call(peer.step, device, fresh=peer.compiled)
-            for _ in range(2):  # warm-up: optimizer state, autotuning, allocator
-                peer.step()
+            first = first_steps(peer.step, device, fresh=peer.compiled)
             curve = profile_step_memory(peer.step, device)
         except Exception as error:  # a peer that cannot run this model is reported, not fatal
             results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
             continue
         peers.append(peer)
-        results[name] = {"first_call_s": first, "peak_bytes": max(curve), "memory_curve": _thin(curve)}
+        results[name] = {"first_steps_s": first, "peak_bytes": max(curve), "memory_curve": _thin(curve)}
 
     times: dict[str, list[float]] = {peer.name: [] for peer in peers}
     for round_index in tqdm(range(rounds), desc=f"{workload.name}/{optimizer}: time", leave=False):
@@ -188,7 +192,8 @@ def bench_config(
         for peer in peers[shift:] + peers[:shift]:
             times[peer.name] += [timed(peer.step, device) for _ in range(steps_per_round)]
     for peer in peers:
-        results[peer.name]["median_step_s"] = statistics.median(times[peer.name])
+        median = results[peer.name]["median_step_s"] = statistics.median(times[peer.name])
+        results[peer.name]["compile_s"] = compile_seconds(results[peer.name]["first_steps_s"], median)
         # Contention on a shared machine only ever adds time: the minimum is the robust figure there.
         results[peer.name]["min_step_s"] = min(times[peer.name])
         if peer.compiled:
@@ -239,12 +244,12 @@ def bench_scale(tensor_counts: Sequence[int], device: torch.device, steps: int) 
         for name in ("fx_optim", "compiled_opt", "no_optimizer"):
             try:
                 peer = build_peer(name, model, inputs, *OPTIMIZERS["adamw"])
-                first = first_call(peer.step, device, fresh=True)
-                for _ in range(2):
-                    peer.step()
+                first = first_steps(peer.step, device, fresh=True)
+                median = statistics.median(timed(peer.step, device) for _ in range(steps))
                 row[name] = {
-                    "first_call_s": first,
-                    "median_step_s": statistics.median(timed(peer.step, device) for _ in range(steps)),
+                    "first_steps_s": first,
+                    "compile_s": compile_seconds(first, median),
+                    "median_step_s": median,
                 }
             except Exception as error:
                 row[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}

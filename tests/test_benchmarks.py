@@ -45,10 +45,19 @@ def test_benchmark_reports_every_peer_with_sane_fields(tmp_path: Path, optimizer
     assert set(config["peers"]) == {"eager_foreach", "fx_optim"}
     for name, peer in config["peers"].items():
         assert "error" not in peer, (name, peer)
-        assert peer["peak_bytes"] > 0 and peer["median_step_s"] > 0 and peer["first_call_s"] > 0
+        assert peer["peak_bytes"] > 0 and peer["median_step_s"] > 0
+        assert peer["compile_s"] >= peer["first_steps_s"][0] > 0 and len(peer["first_steps_s"]) == 3
     assert config["peers"]["fx_optim"]["recompiles"] == 0
     assert config["floor"]["memory_bytes"] > config["floor"]["largest_gradient_bytes"] > 0
     assert (tmp_path / "quick_cpu.md").read_text().count("| tiny-mlp |") == 2
+
+
+def test_compile_time_counts_a_recompile_in_the_warm_up_steps() -> None:
+    """PyTorch's compiled optimizer compiles its SGD step again in the second step, once the
+    momentum buffers exist: that is compile time too. Warm-up steps at or below a steady
+    step add nothing."""
+    assert run.compile_seconds([20.0, 3.5, 0.01], median_step=0.02) == pytest.approx(23.48)
+    assert run.compile_seconds([20.0, 0.01, 0.02], median_step=0.02) == 20.0
 
 
 def test_every_peer_is_described() -> None:
