@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -468,6 +468,15 @@ class DistinctFloats:
         return numbers
 
 
+def _in_backward_optimizers(args: Sequence[Any]) -> Iterator[tuple[int, torch.Tensor, torch.optim.Optimizer]]:
+    """Each in-backward optimizer of the parameters among a call's ``args``, in call order,
+    with its parameter and that parameter's input position."""
+    for index, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg):
+            for opt in arg._in_backward_optimizers:  # type: ignore[attr-defined]
+                yield index, arg, opt
+
+
 def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[tuple[Any, ...], list[float], dict[int, int]]:
     """What decides the rewritten graph, read off the parameters of one call (``names``: the
     inputs' names): each parameter's optimizer setups and which of the floats they read are
@@ -476,19 +485,12 @@ def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[tuple[
     setups = []
     floats = DistinctFloats()
     lr_readers: dict[int, int] = {}
-    ordinal = 0
-    for index, (arg, name) in enumerate(zip(args, names)):
-        if not (isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)):
-            continue
-        optimizers = []
-        for opt in arg._in_backward_optimizers:  # type: ignore[attr-defined]
-            setup, read = run_time_floats(opt, arg, name)
-            optimizers.append((type(opt), setup))
-            numbers = floats.add(read)
-            if read and read[0][0] == LR.name:  # a float lr is read first
-                lr_readers.setdefault(numbers[0], ordinal)
-            ordinal += 1
-        setups.append((index, tuple(optimizers)))
+    for ordinal, (index, param, opt) in enumerate(_in_backward_optimizers(args)):
+        setup, read = run_time_floats(opt, param, names[index])
+        setups.append((index, type(opt), setup))
+        numbers = floats.add(read)
+        if read and read[0][0] == LR.name:  # a float lr is read first
+            lr_readers.setdefault(numbers[0], ordinal)
     return (tuple(setups), tuple(floats.sharing)), [value for _, value in floats.numbers], lr_readers
 
 
@@ -512,13 +514,10 @@ class RuntimeSignature:
     def __call__(self, args: Sequence[Any]) -> tuple[tuple[Any, ...], list[float]]:
         setup_keys = []
         lrs = []
-        for index, arg in enumerate(args):
-            if not (isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg)):
-                continue
-            for opt in arg._in_backward_optimizers:  # type: ignore[attr-defined]
-                group = param_group(opt, arg, self.names[index])
-                setup_keys.append((index, setup_key(opt, group, arg)))
-                lrs.append(group["lr"])
+        for index, param, opt in _in_backward_optimizers(args):
+            group = param_group(opt, param, self.names[index])
+            setup_keys.append((index, setup_key(opt, group, param)))
+            lrs.append(group["lr"])
         # Typed, so that a tensor lr (hashed by identity) never equals a float.
         lr_numbers: dict[tuple[type, Any], int] = {}
         lr_sharing = tuple([lr_numbers.setdefault((type(lr), lr), len(lr_numbers)) for lr in lrs])
