@@ -27,7 +27,7 @@ BENCH_ENV := OMP_WAIT_POLICY=PASSIVE
 bench: $(STAMP)
 	$(BENCH_ENV) $(PYTHON) -m benchmarks.run
 
-# A subset (smaller transformer, one optimizer per model, fewer rounds, no compiled autograd, no scale curve): under 5 minutes on 2 cores.
+# A subset (smaller transformer, one optimizer per model, no compiled autograd, no scale curve): under 5 minutes on 2 cores.
 bench-quick: $(STAMP)
 	$(BENCH_ENV) $(PYTHON) -m benchmarks.run --quick
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of a session lent a device machine, as one script: bench-quick on CUDA
-# first (the figures the README reports), then every test on its CUDA parametrization
+# first (the figures the README reports), step profiles of the worst misses (benchmarks.
+# step_profile), then every test on its CUDA parametrization
 # (every test takes the device as a parameter; the CPU half runs in CI). Runs from the
 # repository root with the machine's own python3 and torch (PYTHONPATH=.). That machine
 # lacks expecttest, which torch.testing._internal (tests/test_optim_db.py) imports: carry
 # its wheel in .whl/ (device README, "Notes") and it is installed first.
-# Usage: bash benchmarks/gpu_check.sh OUT_DIR   (2026-11-27, H200: bench 3.3 min, tests 4.5 min)
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR   (2026-11-27, H200: bench 3.3 min, tests 4.5 min;
+# the step profiles, added since, are capped at 2 x 2 min)
 set -uo pipefail
 out=${1:-gpu_check_out}
 mkdir -p "$out"
@@ -19,6 +21,16 @@ python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', 
 timeout "${BENCH_TIMEOUT:-270}" python3 -m benchmarks.run --quick --device cuda --out "$out/results" >"$out/bench.log" 2>&1
 echo "bench rc=$?"
 tail -25 "$out/bench.log"
+# Where fx_optim's step time goes against its peers on the two worst misses of the last GPU run
+# (README, "On a GPU"): per step, kernel launches, host-device copies, synchronizations and
+# .item() reads, device kernels, and the ops with the most self CPU time; Chrome traces in OUT.
+for config in "mlp adamw" "convnet sgd"; do
+    set -- $config
+    timeout "${PROFILE_TIMEOUT:-120}" python3 -m benchmarks.step_profile --quick --device cuda --model "$1" \
+        --optimizer "$2" --steps 10 --trace "$out/traces" >"$out/profile_$1.log" 2>&1
+    echo "profile $1 rc=$?"
+    grep -v "^\s*$" "$out/profile_$1.log" | tail -60
+done
 # The H200 fuzz failure's diagnosis (README, Known limitations): failures only without the barrier.
 timeout "${RACE_TIMEOUT:-150}" python3 tests/cuda_race_check.py 4 cuda 2>&1 | grep barrier
 # One compile thread per xdist worker: 15 workers then keep the 16 cores busy, not oversubscribed.

@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--peers", nargs="*", choices=list(PEERS), help="default: all (quick: all but compiled_autograd, the slowest)"
     )
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 5; quick 3)")
-    parser.add_argument("--steps-per-round", type=int, help="timed steps per peer per round (default 5; quick 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--steps-per-round", type=int, default=5, help="timed steps per peer per round")
     parser.add_argument("--recompile-steps", type=int, help="steps with an LR scheduler (default 50; quick 20)")
     parser.add_argument(
         "--scale", type=int, nargs="*", help="parameter tensor counts (default 50 200 1000; quick: none)"
@@ -278,8 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    rounds = args.rounds or (3 if args.quick else 5)
-    steps_per_round = args.steps_per_round or (3 if args.quick else 5)
+    # Timing costs little next to compiling (seconds of a quick run's ~3 minutes), and a quick
+    # run's small models need every sample: their optimizer cost is the difference of two
+    # noisy steps. So quick times as many steps as a full run.
+    rounds, steps_per_round = args.rounds, args.steps_per_round
     recompile_steps = args.recompile_steps or (20 if args.quick else 50)
     scale = args.scale if args.scale is not None else ([] if args.quick else [50, 200, 1000])
     # Quick fits 5 minutes on 2 cores by leaving out what compiles longest and is never the

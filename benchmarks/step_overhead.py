@@ -10,10 +10,10 @@ under cProfile and prints, per step, the time spent in the package's own functio
 that spend most of it. The profiler slows Python down, so compare sizes with each other,
 not with unprofiled steps.
 
-``--by-op``: the PyTorch profiler instead, with Inductor's kernels recorded
-(``cpp.enable_kernel_profile``), and the self time per step of each op and region: the
-generated kernels (``cpp_fused_*``, together), the matmuls, and the Python regions around
-them (the compiled region, Inductor's wrapper, Dynamo's guards).
+``--by-op``: the PyTorch profiler instead (``benchmarks.step_profile``), with Inductor's
+kernels recorded (``cpp.enable_kernel_profile``), and the self time per step of each op and
+region: the generated kernels (``cpp_fused_*``, together), the matmuls, and the Python
+regions around them (the compiled region, Inductor's wrapper, Dynamo's guards).
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import argparse
 import cProfile
 import pstats
 import statistics
-from collections import Counter
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.peers import build_peer
 from benchmarks.run import OPTIMIZERS, scale_model, timed
+from benchmarks.step_profile import describe, profile_steps
 
 
 def main() -> None:
@@ -48,10 +47,11 @@ def main() -> None:
         peer = build_peer("fx_optim", model, inputs, *OPTIMIZERS["adamw"])
         for _ in range(3):  # compile, then optimizer state
             peer.step()
-        print(f"{count} parameter tensors: median step {median_step_ms(peer.step, args.steps):.2f} ms")
         if args.by_op:
-            print_self_time_by_op(peer.step, args.steps, args.lines)
+            by_op = profile_steps(peer.step, torch.device("cpu"), args.steps)
+            print(describe(f"{count} parameter tensors", by_op, args.lines))
             continue
+        print(f"{count} parameter tensors: median step {median_step_ms(peer.step, args.steps):.2f} ms")
         python_profile = cProfile.Profile()
         python_profile.enable()
         for _ in range(args.steps):
@@ -70,22 +70,6 @@ def main() -> None:
 
 def median_step_ms(step: Callable[[], None], steps: int) -> float:
     return 1e3 * statistics.median(timed(step, torch.device("cpu")) for _ in range(steps))
-
-
-def print_self_time_by_op(step: Callable[[], None], steps: int, lines: int) -> None:
-    with profile(activities=[ProfilerActivity.CPU]) as profiled:
-        for _ in range(steps):
-            step()
-    kernels = "cpp_fused_* (Inductor's kernels, the updates among them)"
-    self_us: Counter[str] = Counter()
-    calls: Counter[str] = Counter()
-    for event in profiled.key_averages():
-        name = kernels if "cpp_fused" in event.key else event.key  # graph_1_cpp_fused_...
-        self_us[name] += event.self_cpu_time_total / steps
-        calls[name] += event.count / steps
-    shown = [name for name, _ in self_us.most_common(lines)]
-    for name in shown if kernels in shown else [*shown, kernels]:
-        print(f"    {self_us[name] / 1e3:7.3f} ms  {calls[name]:6.0f} calls  {name}")
 
 
 if __name__ == "__main__":

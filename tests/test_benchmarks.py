@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from benchmarks import floors, run
+from benchmarks import floors, run, step_profile
 from benchmarks.peers import PEERS, build_peer
 from fx_optim_pass import models as fop_models
 from fx_optim_pass.measure import peak_step_memory
@@ -121,3 +121,20 @@ def test_backward_call_floor_is_below_the_measured_peak(device: str) -> None:
     assert call > saved + floors.largest_gradient_bytes(model)  # the moment the old floor missed
     assert floor == call
     assert peak_step_memory(peer.step, device) >= floor
+
+
+def test_step_profile_counts_the_generated_kernels_of_compiled_peers_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workload = ["--model", "tiny-mlp", "--optimizer", "sgd", "--device", "cpu"]
+    step_profile.main(
+        [*workload, "--peers", "eager_foreach", "fx_optim", "--steps", "2", "--lines", "50", "--trace", str(tmp_path)]
+    )
+    printed = capsys.readouterr().out
+    eager, fx_optim = printed.split("\nfx_optim: ")
+    assert "eager_foreach: median step" in eager and "median step" in fx_optim
+    assert "cpp_fused_*" in fx_optim and "cpp_fused_*" not in eager
+    assert "aten::_foreach_" in eager and "aten::_foreach_" not in fx_optim
+    for name in ("eager_foreach", "fx_optim"):
+        trace = json.loads((tmp_path / f"tiny-mlp_sgd_{name}.json").read_text())
+        assert trace["traceEvents"]
