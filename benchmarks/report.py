@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["targets", "write_report"]
+__all__ = ["round_ratio_range", "targets", "write_report"]
 
 # Peers a target compares against: everything but fx_optim and the no-optimizer floor.
 _NOT_PEERS = ("fx_optim", "no_optimizer")
@@ -35,6 +35,24 @@ def targets(config: dict[str, Any]) -> dict[str, float | None]:
         ),
         "compile_vs_compiled_opt": compile_s(fx) / compile_s(compiled_opt) if compiled_opt else None,
     }
+
+
+def round_ratio_range(config: dict[str, Any]) -> tuple[float, float] | None:
+    """The lowest and highest, over the interleaved rounds, of fx_optim's median step in a round
+    over that round's median step of the fastest peer (the fastest by median over all rounds).
+    It shows whether a step-time ratio near 1 is beyond the run's noise. None for results
+    written before rounds were kept."""
+    peers = {k: v for k, v in config["peers"].items() if "round_medians_s" in v}
+    others = {k: v for k, v in peers.items() if k not in _NOT_PEERS}
+    if "fx_optim" not in peers or not others:
+        return None
+    fastest = min(others.values(), key=lambda peer: peer["median_step_s"])
+    ratios = [fx / peer for fx, peer in zip(peers["fx_optim"]["round_medians_s"], fastest["round_medians_s"])]
+    return min(ratios), max(ratios)
+
+
+def _range(bounds: tuple[float, float] | None) -> str:
+    return "n/a" if bounds is None else f"{bounds[0]:.2f} to {bounds[1]:.2f}"
 
 
 def compile_s(peer: dict[str, Any]) -> float:
@@ -76,8 +94,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "| model | regime | optimizer | params | peak / floor (≤1.15) | peak / best peer (≤1) "
         "| time / fastest peer (≤1) | same, fastest steps (≤1) | optimizer cost / bandwidth floor (≤1.2) "
-        "| compile / compiled opt (≤1.25) | recompiles |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compile / compiled opt (≤1.25) | recompiles | time / fastest peer, per round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in results["configs"]:
         ratios = targets(config)
@@ -85,7 +103,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {config['model']} | {config['regime']} | {config['optimizer']} | {config['parameters'] / 1e6:.1f}M | "
             + " | ".join(_mark(key, ratios.get(key)) for key in _LIMITS)
-            + f" | {fx.get('recompiles', 'n/a')} |"
+            + f" | {fx.get('recompiles', 'n/a')} | {_range(round_ratio_range(config))} |"
         )
     lines += [
         "",

@@ -196,6 +196,11 @@ def bench_config(
         results[peer.name]["compile_s"] = compile_seconds(results[peer.name]["first_steps_s"], median)
         # Contention on a shared machine only ever adds time: the minimum is the robust figure there.
         results[peer.name]["min_step_s"] = min(times[peer.name])
+        # Per round, for ratios between steps taken minutes apart at most (report.round_ratio_range).
+        steps = times[peer.name]
+        results[peer.name]["round_medians_s"] = [
+            statistics.median(steps[i : i + steps_per_round]) for i in range(0, len(steps), steps_per_round)
+        ]
         if peer.compiled:
             results[peer.name]["recompiles"] = recompiles(peer, recompile_steps)
 
