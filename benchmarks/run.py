@@ -131,6 +131,11 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def median_step_s(step: Callable[[], None], device: torch.device, steps: int) -> float:
+    """Median seconds of ``steps`` steps, each timed on its own (``timed``)."""
+    return statistics.median(timed(step, device) for _ in range(steps))
+
+
 def first_steps(step: Callable[[], None], device: torch.device, fresh: bool, count: int = 3) -> list[float]:
     """Seconds of each of the first ``count`` steps. The first compiles (each compiled peer from
     cold Inductor caches, so that no peer reuses kernels another built); the next create
@@ -250,7 +255,7 @@ def bench_scale(tensor_counts: Sequence[int], device: torch.device, steps: int) 
             try:
                 peer = build_peer(name, model, inputs, *OPTIMIZERS["adamw"])
                 first = first_steps(peer.step, device, fresh=True)
-                median = statistics.median(timed(peer.step, device) for _ in range(steps))
+                median = median_step_s(peer.step, device, steps)
                 row[name] = {
                     "first_steps_s": first,
                     "compile_s": compile_seconds(first, median),

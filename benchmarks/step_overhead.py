@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import statistics
-from collections.abc import Callable
 
 import torch
 
 from benchmarks.peers import build_peer
-from benchmarks.run import OPTIMIZERS, scale_model, timed
+from benchmarks.run import OPTIMIZERS, median_step_s, scale_model
 from benchmarks.step_profile import describe, profile_steps
 
 
@@ -51,7 +49,8 @@ def main() -> None:
             by_op = profile_steps(peer.step, torch.device("cpu"), args.steps)
             print(describe(f"{count} parameter tensors", by_op, args.lines))
             continue
-        print(f"{count} parameter tensors: median step {median_step_ms(peer.step, args.steps):.2f} ms")
+        median_ms = 1e3 * median_step_s(peer.step, torch.device("cpu"), args.steps)
+        print(f"{count} parameter tensors: median step {median_ms:.2f} ms")
         python_profile = cProfile.Profile()
         python_profile.enable()
         for _ in range(args.steps):
@@ -66,10 +65,6 @@ def main() -> None:
         print(f"    {total:.2f} ms per step in fx_optim_pass, profiled ({per_tensor_us:.1f} µs per tensor)")
         for (path, line, function), seconds in sorted(ours.items(), key=lambda item: -item[1])[: args.lines]:
             print(f"    {seconds * per_step_ms:.3f} ms  {path.split('fx_optim_pass/')[-1]}:{line} {function}")
-
-
-def median_step_ms(step: Callable[[], None], steps: int) -> float:
-    return 1e3 * statistics.median(timed(step, torch.device("cpu")) for _ in range(steps))
 
 
 if __name__ == "__main__":

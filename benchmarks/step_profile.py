@@ -21,7 +21,6 @@ steps (open in https://ui.perfetto.dev).
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.peers import build_peer
-from benchmarks.run import OPTIMIZERS, timed, workloads
+from benchmarks.run import OPTIMIZERS, median_step_s, workloads
 
 # Events counted per step, by a part of their name. The CUDA runtime and driver calls appear only
 # when the profiler records CUDA activity; Triton kernels launch through the driver (cuLaunchKernel).
@@ -60,7 +59,7 @@ class StepProfile:
 
 def profile_steps(step: Callable[[], None], device: torch.device, steps: int, trace: Path | None = None) -> StepProfile:
     """``steps`` steady steps of ``step``: timed, then profiled (the caller warmed it up)."""
-    median_ms = 1e3 * statistics.median(timed(step, device) for _ in range(steps))
+    median_ms = 1e3 * median_step_s(step, device, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiled:
         for _ in range(steps):
