@@ -674,6 +674,9 @@ class RuntimeInputs:
             weakref.WeakKeyDictionary()
         )
         self._installs: list[Callable[[], None]] = []
+        # Per (id of a parameter, its optimizer's place): the parameter and the True flag
+        # passed once that optimizer's created state exists (see ``_step_inputs``).
+        self._exists_flags: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
 
     def __call__(
         self, args: Sequence[Any], floats: Sequence[float], *, for_compile: bool = False
@@ -682,8 +685,8 @@ class RuntimeInputs:
         for param_update in self.plan.params:
             param = args[param_update.input_index]
             optimizers = param._in_backward_optimizers
-            for step, optimizer in zip(param_update.steps, optimizers):
-                inputs.extend(self._step_inputs(step, optimizer, param, for_compile, param_update))
+            for place, (step, optimizer) in enumerate(zip(param_update.steps, optimizers)):
+                inputs.extend(self._step_inputs(step, optimizer, param, for_compile, param_update, place))
         return inputs
 
     def _float_tensors(self, values: Sequence[float]) -> list[torch.Tensor]:
@@ -706,8 +709,10 @@ class RuntimeInputs:
         param: torch.Tensor,
         for_compile: bool,
         param_update: ParamUpdate,
+        place: int,
     ) -> list[torch.Tensor]:
-        """Its inputs other than the run-time floats: a tensor lr, then the state."""
+        """Its inputs other than the run-time floats: a tensor lr, then the state (``place``:
+        the optimizer's position among the parameter's)."""
         state = optimizer.state[param]
         shard = param_update.shard
         try:
@@ -722,17 +727,28 @@ class RuntimeInputs:
         if not step.created:
             return inputs
         if all(c.key in state for c in step.created):
-            # A fresh flag each call: the graph writes True into it.
-            return [
-                *inputs,
-                *(state[c.key] for c in step.created),
-                torch.ones((), dtype=torch.bool, device=param.device),
-            ]
+            # The graph writes True into the flag, which leaves a True one as it is, so one
+            # per parameter serves all its calls: made again each call, it cost an allocation
+            # (and on a GPU a fill kernel) per parameter and step. Not one per input position:
+            # the backward saves the flag, so another model's backward (this graph serves every
+            # module of the same structure) writing it in between would fail autograd's check.
+            return [*inputs, *(state[c.key] for c in step.created), self._exists_flag(param, place)]
         buffers = {c.key: torch.empty(c.shape, dtype=c.dtype, device=param.device) for c in step.created}
         updated = torch.zeros((), dtype=torch.bool, device=param.device)  # the graph sets it
         if not for_compile:
             self._installs.append(functools.partial(_install_created_state, optimizer, param, buffers, updated))
         return [*inputs, *buffers.values(), updated]
+
+    def _exists_flag(self, param: torch.Tensor, place: int) -> torch.Tensor:
+        """The True flag of ``param``'s optimizer at ``place``, made on first use, forgotten
+        with the parameter."""
+        key = (id(param), place)
+        known = self._exists_flags.get(key)
+        if known is None or known[0]() is not param:
+            flags = self._exists_flags
+            forget = weakref.ref(param, lambda _: flags.pop(key, None))
+            known = flags[key] = (forget, torch.ones((), dtype=torch.bool, device=param.device))
+        return known[1]
 
     def take_installs(self) -> list[Callable[[], None]]:
         """What the last call must do once its backward ran (see ``_install_created_state``)."""

@@ -165,6 +165,44 @@ def test_second_instance_uses_its_own_optimizers(device):
             assert_params_close(model.parameters(), reference.parameters())
 
 
+@pytest.mark.parametrize("mode", COMPILED)
+def test_same_structure_models_with_pending_backwards_step_as_eager_hooks_do(mode, device):
+    """Two models share one compiled graph; both forwards run before either backward. Each
+    backward steps its own SGD momentum (a created-state flag, saved for the backward, per
+    parameter and not per graph input), as PyTorch's eager hooks do."""
+    kwargs = {"lr": 0.05, "momentum": 0.9}
+    models = [mlp(device), mlp(device)]
+    references = deepcopy(models)
+    for model, reference in zip(models, references):
+        fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), kwargs)
+        _apply_optimizer_in_backward(torch.optim.SGD, reference.parameters(), kwargs)
+    backend = fop.backend if mode == "inductor" else fop.make_backend(compiler="aot_eager")
+    loss = torch.compile(lambda model, x: model(x).pow(2).sum(), backend=backend, fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(4, 6, device=device)
+        for losses in ([loss(model, x) for model in models], [r(x).pow(2).sum() for r in references]):
+            for each in losses:
+                each.backward()
+        for model, reference in zip(models, references):
+            assert_params_close(model.parameters(), reference.parameters())
+
+
+def test_a_steady_momentum_step_makes_no_tensor_per_parameter(device):
+    """Once SGD's momentum buffers exist, a step passes the graph the tensors it already has:
+    nothing is made per parameter and call (on a GPU, an allocation and a kernel each)."""
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.05, "momentum": 0.9})
+    compiled = in_mode(model, "aot_eager")
+    x = torch.randn(4, 6, device=device)
+    for _ in range(2):
+        compiled(x).sum().backward()
+    with torch.profiler.profile() as prof:
+        loss = compiled(x).sum()
+    made = [e.name for e in prof.events() if e.name in ("aten::ones", "aten::zeros", "aten::empty", "aten::full")]
+    assert made == []
+    loss.backward()
+
+
 def test_lr_changes_take_effect_without_recompiling(device):
     model = mlp(device)
     reference = deepcopy(model)
