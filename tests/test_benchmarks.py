@@ -156,3 +156,18 @@ def test_per_round_ratio_range_pairs_each_round_of_fx_optim_with_the_same_round_
     assert bounds == (pytest.approx(1.05 / 1.1), pytest.approx(1.05))
     del config["peers"]["eager_fused"]["round_medians_s"], config["peers"]["compiled_opt"]["round_medians_s"]
     assert report.round_ratio_range(config) is None  # results written before rounds were kept
+
+
+def test_per_round_optimizer_cost_subtracts_the_same_rounds_no_optimizer_step() -> None:
+    """A slow second round (every step 1 ms slower) moves the difference of medians over all
+    rounds, not the difference within each round."""
+    config = {
+        "floor": {"update_s": 0.5e-3},
+        "peers": {
+            "fx_optim": {"median_step_s": 8.6e-3, "round_medians_s": [8.6e-3, 9.6e-3, 8.4e-3]},
+            "no_optimizer": {"median_step_s": 7.9e-3, "round_medians_s": [7.9e-3, 8.9e-3, 7.9e-3]},
+        },
+    }
+    assert report.round_cost_range(config) == (pytest.approx(1.0), pytest.approx(1.4))
+    del config["peers"]["no_optimizer"]["round_medians_s"]
+    assert report.round_cost_range(config) is None  # results written before rounds were kept
