@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -21,37 +21,44 @@ from fx_optim_pass.optim_lowering import check_supported_optimizer
 
 __all__ = ["apply_optimizer_in_backward", "attach", "detach", "get_in_backward_optimizers", "updates_in_backward"]
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 # Weak maps, as in PyTorch's implementation: metadata must not keep parameters
 # alive nor be serialized with them.
 _accumulate_grad_nodes = WeakTensorKeyDictionary()
 
 
-class _HookHandles:
-    """Each parameter's hook handle, weakly keyed by the parameter's identity.
+class WeakIdentityMap(Generic[K, V]):
+    """Values keyed by an object's identity and holding it weakly: an entry goes with its key.
 
-    ``updates_in_backward`` asks it about every parameter at every compiled step, and a
-    lookup in torch's ``WeakTensorKeyDictionary`` builds a Python weak reference object
-    each time (about 1.5 µs, a third of the per-step cost of reading a parameter's
-    optimizer settings); here a lookup is a dict read."""
+    A lookup is a dict read. The compiled step looks up every parameter at every call
+    (``updates_in_backward``, ``RuntimeInputs``), and a lookup in torch's
+    ``WeakTensorKeyDictionary`` builds a Python weak reference object each time (about
+    1.5 µs, a third of the per-step cost of reading a parameter's optimizer settings)."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref[torch.Tensor], RemovableHandle]] = {}
+        self._entries: dict[int, tuple[weakref.ref[K], V]] = {}
 
-    def __contains__(self, param: torch.Tensor) -> bool:
-        entry = self._entries.get(id(param))
-        return entry is not None and entry[0]() is param
+    def get(self, key: K) -> V | None:
+        entry = self._entries.get(id(key))
+        return entry[1] if entry is not None and entry[0]() is key else None
 
-    def __setitem__(self, param: torch.Tensor, handle: RemovableHandle) -> None:
-        key, entries = id(param), self._entries
-        entries[key] = (weakref.ref(param, lambda _: entries.pop(key, None)), handle)
+    def __contains__(self, key: K) -> bool:
+        entry = self._entries.get(id(key))
+        return entry is not None and entry[0]() is key
 
-    def pop(self, param: torch.Tensor) -> RemovableHandle | None:
-        if param not in self:
+    def __setitem__(self, key: K, value: V) -> None:
+        number, entries = id(key), self._entries
+        entries[number] = (weakref.ref(key, lambda _: entries.pop(number, None)), value)
+
+    def pop(self, key: K) -> V | None:
+        if key not in self:
             return None
-        return self._entries.pop(id(param))[1]
+        return self._entries.pop(id(key))[1]
 
 
-_hook_handles = _HookHandles()
+_hook_handles: WeakIdentityMap[torch.Tensor, RemovableHandle] = WeakIdentityMap()
 
 
 def apply_optimizer_in_backward(

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from fx_optim_pass import _torch_compat
-from fx_optim_pass.api import updates_in_backward
+from fx_optim_pass.api import WeakIdentityMap, updates_in_backward
 from fx_optim_pass.distributed import collective_error, data_parallel_spec
 from fx_optim_pass.optim_lowering import (
     LR,
@@ -674,9 +674,9 @@ class RuntimeInputs:
             weakref.WeakKeyDictionary()
         )
         self._installs: list[Callable[[], None]] = []
-        # Per (id of a parameter, its optimizer's place): the parameter and the True flag
-        # passed once that optimizer's created state exists (see ``_step_inputs``).
-        self._exists_flags: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+        # Per parameter and its optimizer's place: the True flag passed once that optimizer's
+        # created state exists (see ``_step_inputs``).
+        self._exists_flags: WeakIdentityMap[torch.Tensor, dict[int, torch.Tensor]] = WeakIdentityMap()
 
     def __call__(
         self, args: Sequence[Any], floats: Sequence[float], *, for_compile: bool = False
@@ -742,13 +742,12 @@ class RuntimeInputs:
     def _exists_flag(self, param: torch.Tensor, place: int) -> torch.Tensor:
         """The True flag of ``param``'s optimizer at ``place``, made on first use, forgotten
         with the parameter."""
-        key = (id(param), place)
-        known = self._exists_flags.get(key)
-        if known is None or known[0]() is not param:
-            flags = self._exists_flags
-            forget = weakref.ref(param, lambda _: flags.pop(key, None))
-            known = flags[key] = (forget, torch.ones((), dtype=torch.bool, device=param.device))
-        return known[1]
+        flags = self._exists_flags.get(param)
+        if flags is None:
+            flags = self._exists_flags[param] = {}
+        if place not in flags:
+            flags[place] = torch.ones((), dtype=torch.bool, device=param.device)
+        return flags[place]
 
     def take_installs(self) -> list[Callable[[], None]]:
         """What the last call must do once its backward ran (see ``_install_created_state``)."""
