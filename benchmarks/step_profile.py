@@ -57,8 +57,11 @@ class StepProfile:
     calls: dict[str, float]
 
 
-def profile_steps(step: Callable[[], None], device: torch.device, steps: int, trace: Path | None = None) -> StepProfile:
-    """``steps`` steady steps of ``step``: timed, then profiled (the caller warmed it up)."""
+def profile_steps(
+    step: Callable[[], None], device: torch.device, steps: int, trace: Path | None = None, each_kernel: bool = False
+) -> StepProfile:
+    """``steps`` steady steps of ``step``: timed, then profiled (the caller warmed it up).
+    Inductor's generated kernels count as one line, or each as its own with ``each_kernel``."""
     median_ms = 1e3 * median_step_s(step, device, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiled:
@@ -80,7 +83,8 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, tr
         for what, parts in COUNTED.items():
             if any(part in event.key for part in parts):
                 counts[what] += event.count / steps
-        name = next((label for prefix, label in GENERATED_KERNELS.items() if prefix in event.key), event.key)
+        grouped = (label for prefix, label in GENERATED_KERNELS.items() if prefix in event.key)
+        name = event.key if each_kernel else next(grouped, event.key)
         self_cpu_us[name] += event.self_cpu_time_total / steps
         calls[name] += event.count / steps
     return StepProfile(
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lines", type=int, default=12, help="ops with the most self CPU time to list")
     parser.add_argument("--trace", type=Path, help="write a Chrome trace per peer into this folder")
+    parser.add_argument("--each-kernel", action="store_true", help="a line per generated kernel, not one for all")
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     (workload,) = [w for w in workloads(args.quick) if w.name == args.model]
@@ -131,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(3):  # compile, optimizer state, a recompile of the compiled optimizer
                 peer.step()
             trace = args.trace / f"{args.model}_{args.optimizer}_{name}.json" if args.trace else None
-            print(describe(name, profile_steps(peer.step, device, args.steps, trace), args.lines), flush=True)
+            profiled = profile_steps(peer.step, device, args.steps, trace, args.each_kernel)
+            print(describe(name, profiled, args.lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -366,6 +366,7 @@ def run_and_get_code(fn: Callable[[], Any]) -> list[str]:
 
 
 JointPass = Callable[[fx.Graph], None]
+BackwardPass = Callable[[fx.Graph], object]
 GraphsObserver = Callable[[str, fx.GraphModule], None]
 
 
@@ -408,8 +409,10 @@ def compile_aot_eager(
     example_inputs: Sequence[Any],
     joint_pass: JointPass,
     observe: GraphsObserver,
+    backward_pass: BackwardPass | None = None,
 ) -> Callable[..., Any]:
-    """AOTAutograd + min-cut partitioner + our joint pass, graphs run without Inductor."""
+    """AOTAutograd + min-cut partitioner + our joint pass (and ``backward_pass`` on the
+    backward graph the partitioner cut), graphs run without Inductor."""
 
     def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
         joint_pass(joint.graph)
@@ -418,6 +421,9 @@ def compile_aot_eager(
 
     def compiler(kind: str) -> Callable[..., Any]:
         def compile_graph(g: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+            if kind == "backward" and backward_pass is not None:
+                backward_pass(g.graph)
+                g.recompile()
             observe(kind, g)
             return _boxed_nop(g, inputs)
 
@@ -438,12 +444,14 @@ def compile_inductor(
     example_inputs: Sequence[Any],
     joint_pass: CustomGraphPass,
     observe: GraphsObserver,
+    backward_pass: BackwardPass | None = None,
     use_caches: bool = True,
     bucket_all_reduces_mb: float | None = None,
     written_inputs: Collection[int] = (),
     overlap_collectives: bool = False,
 ) -> Callable[..., Any]:
-    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``.
+    """Inductor's ``compile_fx`` with our pass chained into ``joint_custom_post_pass``, and
+    ``backward_pass`` run on the backward graph the partitioner cut.
 
     With ``bucket_all_reduces_mb``, Inductor's own post-grad pass merges adjacent
     all-reduces (dependencies respected) into buckets of up to that many MiB (the first
@@ -463,6 +471,9 @@ def compile_inductor(
     chained = _ChainedPass(config.joint_custom_post_pass, joint_pass)
 
     def inner_compile(g: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
+        if kwargs.get("is_backward") and backward_pass is not None:
+            backward_pass(g.graph)  # before Inductor's FX-graph cache key is computed from g
+            g.recompile()
         observe("backward" if kwargs.get("is_backward") else "forward", g)
         if not kwargs.get("is_backward") and not kwargs.get("is_inference"):
             _keep_written_inputs(g, written_inputs)

@@ -35,7 +35,7 @@ from fx_optim_pass.optim_lowering import (
     run_time_floats,
     setup_key,
 )
-from fx_optim_pass.passes import all_reduce_gradients, insert_optimizer_updates
+from fx_optim_pass.passes import all_reduce_gradients, hoist_step_scalars, insert_optimizer_updates
 from fx_optim_pass.placement import find_placements, params_read_by_backward, placement_log, placement_table
 from fx_optim_pass.plan import (
     DataParallelSpec,
@@ -184,6 +184,7 @@ def _compile_variant(
             example,
             joint_pass,
             observe,
+            hoist_step_scalars,
             use_caches=observe is _ignore,
             bucket_all_reduces_mb=plan.all_reduce.group.bucket_cap_mb if plan.all_reduce else None,
             written_inputs=plan.written_inputs(),
@@ -191,7 +192,7 @@ def _compile_variant(
             overlap_collectives=plan.all_reduce is not None and not plan.all_reduce.group.shard_optimizer_state,
         )
     else:
-        compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe)
+        compiled = _torch_compat.compile_aot_eager(graph, example, joint_pass, observe, hoist_step_scalars)
     if plan.all_reduce is not None:
         compiled = _name_rank_on_collective_failure(compiled, plan.all_reduce.group)
     if not plan.params:

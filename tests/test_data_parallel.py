@@ -171,7 +171,9 @@ def test_each_gradient_is_all_reduced_right_before_its_update_in_the_backward(on
     position = {node: i for i, node in enumerate(nodes)}
     for name, _ in model.named_parameters():
         reduce_nodes = [n for n in nodes if n.meta.get(ALL_REDUCE_META_KEY, ("",))[0] == name]
-        update_nodes = [n for n in nodes if n.meta.get(PASS_META_KEY, ("",))[0] == name]
+        # all but the per-step scalars moved to the start (they read no gradient: hoist_step_scalars)
+        tags = {n: n.meta.get(PASS_META_KEY, ("", "")) for n in nodes}
+        update_nodes = [n for n, (param, role, *_) in tags.items() if param == name and role != "step_scalars"]
         assert [n.meta[ALL_REDUCE_META_KEY][1] for n in reduce_nodes] == ["all_reduce", "wait"], name
         assert update_nodes, name
         # the update reads the waited (averaged) gradient, never the local one

@@ -38,7 +38,8 @@ __all__ = ["PASS_META_KEY", "insert_optimizer_updates"]
 # node.meta[PASS_META_KEY] = (parameter name, role, name of the parameter's placeholder);
 # roles: "update", "write_state", "write_param", and for a sharded parameter (see
 # shard_updates) "scatter" and "gather" around its updates. Inductor may fold a write into an
-# in-place update node (SGD's _foreach_add_), which keeps the "update" tag.
+# in-place update node (SGD's _foreach_add_), which keeps the "update" tag. In the backward
+# graph, the per-step scalar math moved to its start is "step_scalars" (hoist_step_scalars).
 PASS_META_KEY = "fx_optim_pass"
 
 
