@@ -6,7 +6,7 @@ After the gradient, where the pass inserts them (and where the partitioner's reo
 them back, next to their first reader), they land inside one of Inductor's CPU kernels, which
 runs its loop nests in one OpenMP parallel region: there each 0-d nest is an ``omp single``,
 a barrier per parameter. Under ``OMP_WAIT_POLICY=PASSIVE`` a barrier puts the threads to
-sleep and wakes them: about 15 us on the 2-core benchmark machine, against 0.25 us spinning
+sleep and wakes them: about 15 us on the 2-core benchmark machine, against under 1 us spinning
 (README, "Benchmarks"). First in the backward, they run on the calling thread before the first
 kernel opens its parallel region: no barrier.
 
