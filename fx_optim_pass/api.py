@@ -60,6 +60,19 @@ class WeakIdentityMap(Generic[K, V]):
 
 _hook_handles: WeakIdentityMap[torch.Tensor, RemovableHandle] = WeakIdentityMap()
 
+# Bumped by every change this module makes to which optimizers a parameter has or whether
+# its hook runs, so the compiled step can tell that nothing of the kind happened since its
+# last call without asking each parameter (``setup_generation``).
+_setup_changes = 0
+
+
+def setup_generation() -> int:
+    """A number that changes whenever this module adds or removes an in-backward optimizer.
+
+    PyTorch's ``_apply_optimizer_in_backward`` is not counted: it always lengthens the
+    parameter's ``_in_backward_optimizers``, which is what callers check for it."""
+    return _setup_changes
+
 
 def apply_optimizer_in_backward(
     optimizer_class: type[torch.optim.Optimizer],
@@ -103,6 +116,8 @@ def apply_optimizer_in_backward(
 def _add_optimizer(
     param: torch.Tensor, optimizer: torch.optim.Optimizer, optimizer_kwargs: dict[str, Any], register_hook: bool
 ) -> None:
+    global _setup_changes
+    _setup_changes += 1
     if not hasattr(param, "_in_backward_optimizers"):
         param._in_backward_optimizers = []  # type: ignore[attr-defined]
         param._optimizer_classes = []  # type: ignore[attr-defined]
@@ -164,6 +179,8 @@ def attach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def detach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Undo ``attach``: ``optimizer.step()`` steps its parameters again, from the same state."""
+    global _setup_changes
+    _setup_changes += 1
     for group in optimizer.param_groups:
         for param in group["params"]:
             optimizers = getattr(param, "_in_backward_optimizers", [])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -22,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from fx_optim_pass import _torch_compat
-from fx_optim_pass.api import WeakIdentityMap, updates_in_backward
+from fx_optim_pass.api import WeakIdentityMap, setup_generation, updates_in_backward
 from fx_optim_pass.distributed import collective_error, data_parallel_spec
 from fx_optim_pass.optim_lowering import (
     LR,
@@ -34,6 +35,7 @@ from fx_optim_pass.optim_lowering import (
     param_group,
     run_time_floats,
     setup_key,
+    setup_readers,
 )
 from fx_optim_pass.passes import all_reduce_gradients, hoist_step_scalars, insert_optimizer_updates
 from fx_optim_pass.placement import find_placements, params_read_by_backward, placement_log, placement_table
@@ -214,6 +216,7 @@ def _compile_variant(
 
     names = [p.name for p in plan.params]
     positions = [p.input_index for p in plan.params]
+    watches: dict[tuple[int, ...], _ParameterWatch] = {}
 
     def run_with_optimizer_inputs(args: Sequence[Any], floats: Sequence[float]) -> Any:
         # The updated parameters go in detached, so the compiled backward has no
@@ -226,7 +229,8 @@ def _compile_variant(
             call_args[i] = param.detach()
         extra = runtime_inputs(args, floats)
         outputs = compiled(*call_args, *extra, _GRAD_ANCHOR)
-        _guard_backward(outputs, params, names, runtime_inputs.take_installs(), extra, read_by_backward)
+        watch = _watch_parameters(params, names, watches)
+        _guard_backward(outputs, params, watch, names, runtime_inputs.take_installs(), extra, read_by_backward)
         return outputs
 
     return run_with_optimizer_inputs
@@ -262,6 +266,8 @@ _GRAD_ANCHOR = torch.zeros((), requires_grad=True)
 # Compiled calls whose backward has not run yet: (their backward node, weakly; the ids
 # of the parameters they update, with their names; those parameters' AccumulateGrad nodes).
 _pending_calls: list[tuple[weakref.ref[Any], dict[int, str], list[Any]]] = []
+_ParameterWatch = tuple[dict[int, str], list[Any]]
+"""Updated parameters' names by id, and their watched AccumulateGrad nodes (``_watch_parameters``)."""
 
 # Each updated parameter's AccumulateGrad node, held so that it stays the node eager
 # uses of the parameter link to (autograd caches it only weakly), with our pre-hook.
@@ -273,9 +279,25 @@ _FIX = (
 )
 
 
+def _watch_parameters(
+    params: Sequence[torch.Tensor], names: Sequence[str], watches: dict[tuple[int, ...], _ParameterWatch]
+) -> _ParameterWatch:
+    """For ``_guard_backward``: the name of each of ``params`` by its ``id``, and their
+    AccumulateGrad nodes, watched (``_watched_accumulate_grad_node``). Kept per set of
+    parameters in ``watches``: the nodes hold their parameters, so these ids stay theirs."""
+    ids = tuple(map(id, params))
+    watch = watches.get(ids)
+    if watch is None:
+        if len(watches) > 8:  # one per model instance this graph serves
+            watches.clear()
+        watch = watches[ids] = (dict(zip(ids, names)), [_watched_accumulate_grad_node(p) for p in params])
+    return watch
+
+
 def _guard_backward(
     outputs: Any,
     params: Sequence[torch.Tensor],
+    watch: _ParameterWatch,
     names: Sequence[str],
     installs: Sequence[Callable[[], None]],
     optimizer_inputs: Sequence[torch.Tensor],
@@ -297,9 +319,8 @@ def _guard_backward(
     node = _compiled_backward_node(outputs)
     if node is None:
         return
-    updated = {id(p): name for p, name in zip(params, names)}
     _pending_calls[:] = [entry for entry in _pending_calls if entry[0]() is not None]
-    entry = (weakref.ref(node), updated, [_watched_accumulate_grad_node(p) for p in params])
+    entry = (weakref.ref(node), *watch)
     _pending_calls.append(entry)
     written = [*params, *optimizer_inputs]
     saved_versions: list[int] = []  # of ``written``, when a backward retained the graph
@@ -445,7 +466,9 @@ def _watched_accumulate_grad_node(param: torch.Tensor) -> Any:
 
 def _compiled_backward_node(outputs: Any) -> Any:
     """The autograd node of AOTAutograd's compiled function behind ``outputs`` (views included)."""
-    frontier = [t.grad_fn for t in torch.utils._pytree.tree_leaves(outputs) if getattr(t, "grad_fn", None)]
+    # AOTAutograd returns a flat list; walked by pytree only otherwise (it costs ~10 µs a call).
+    leaves = outputs if isinstance(outputs, (list, tuple)) else torch.utils._pytree.tree_leaves(outputs)
+    frontier = [t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     for _ in range(4):
         for node in frontier:
             if "CompiledFunctionBackward" in type(node).__name__:
@@ -469,13 +492,16 @@ class DistinctFloats:
         return numbers
 
 
-def _in_backward_optimizers(args: Sequence[Any]) -> Iterator[tuple[int, torch.Tensor, torch.optim.Optimizer]]:
+def _in_backward_optimizers(
+    args: Sequence[Any],
+) -> Iterator[tuple[int, torch.Tensor, torch.optim.Optimizer, int]]:
     """Each in-backward optimizer of the parameters among a call's ``args``, in call order,
-    with its parameter and that parameter's input position."""
+    with its parameter, that parameter's input position and the optimizer's among the
+    parameter's ``_in_backward_optimizers``."""
     for index, arg in enumerate(args):
         if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg):
-            for opt in arg._in_backward_optimizers:  # type: ignore[attr-defined]
-                yield index, arg, opt
+            for place, opt in enumerate(arg._in_backward_optimizers):  # type: ignore[attr-defined]
+                yield index, arg, opt, place
 
 
 def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[tuple[Any, ...], list[float], dict[int, int]]:
@@ -486,7 +512,7 @@ def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[tuple[
     setups = []
     floats = DistinctFloats()
     lr_readers: dict[int, int] = {}
-    for ordinal, (index, param, opt) in enumerate(_in_backward_optimizers(args)):
+    for ordinal, (index, param, opt, _) in enumerate(_in_backward_optimizers(args)):
         setup, read = run_time_floats(opt, param, names[index])
         setups.append((index, type(opt), setup))
         numbers = floats.add(read)
@@ -500,10 +526,11 @@ class RuntimeSignature:
 
     It runs at every step, for every parameter: computed in full (each optimizer's setup,
     each float numbered), it cost 7 µs per parameter, a third of a millisecond per step on
-    a 26-tensor GPT. So it is memoized on what decides it, read at C speed: each updated
-    input's position, its optimizers' ``setup_key`` (every setting but ``lr``) and which of
-    their ``lr`` are equal. The ``lr`` values, which a scheduler changes at every step, are
-    filled in per call.
+    a 26-tensor GPT. So it is memoized on what decides it: each updated input's position,
+    its optimizers' ``setup_key`` (every setting but ``lr``) and which of their ``lr`` are
+    equal. The ``lr`` values, which a scheduler changes at every step, are filled in per
+    call. A step of the same parameters as the last one (the usual case) does not even
+    build the memo's key: ``_LastCall`` compares what it is made of, list by list.
     """
 
     def __init__(self, names: Sequence[str]) -> None:
@@ -511,32 +538,123 @@ class RuntimeSignature:
         # (setup keys, lr sharing) -> (the variant's key, per distinct float: the number of
         # the lr it is, or None and its value)
         self._memo: dict[Any, tuple[tuple[Any, ...], list[tuple[int | None, float]]]] = {}
+        self._last: _LastCall | None = None
 
     def __call__(self, args: Sequence[Any]) -> tuple[tuple[Any, ...], list[float]]:
-        setup_keys = []
-        lrs = []
-        for index, param, opt in _in_backward_optimizers(args):
-            group = param_group(opt, param, self.names[index])
-            setup_keys.append((index, setup_key(opt, group, param)))
-            lrs.append(group["lr"])
-        # Typed, so that a tensor lr (hashed by identity) never equals a float.
-        lr_numbers: dict[tuple[type, Any], int] = {}
-        lr_sharing = tuple([lr_numbers.setdefault((type(lr), lr), len(lr_numbers)) for lr in lrs])
+        if self._last is not None:
+            reused = self._last.reuse(args)
+            if reused is not None:
+                return reused
+        pairs = [(index, place, param, opt) for index, param, opt, place in _in_backward_optimizers(args)]
+        groups = [param_group(opt, param, self.names[index]) for index, _, param, opt in pairs]
+        setup_keys = [(index, setup_key(opt, group, param)) for (index, _, param, opt), group in zip(pairs, groups)]
+        lr_sharing, distinct_lrs = _lr_sharing([group["lr"] for group in groups])
         memo_key = (tuple(setup_keys), lr_sharing)
         try:
             found = self._memo.get(memo_key)
         except TypeError:  # an unhashable setting (a list): computed in full each time
-            key, floats, _ = runtime_signature(args, self.names)
-            return key, floats
+            self._last = None
+            full_key, floats, _ = runtime_signature(args, self.names)
+            return full_key, floats
         if found is None:
-            key, floats, lr_readers = runtime_signature(args, self.names)
+            full_key, floats, lr_readers = runtime_signature(args, self.names)
             if len(self._memo) > 4096:  # settings that keep changing (momentum cycling) must not pile up
                 self._memo.clear()
             template = [(lr_sharing[lr_readers[i]] if i in lr_readers else None, v) for i, v in enumerate(floats)]
-            found = self._memo[memo_key] = (key, template)
+            found = self._memo[memo_key] = (full_key, template)
         key, template = found
-        distinct_lrs = [lr for _, lr in lr_numbers]
-        return key, [value if lr is None else distinct_lrs[lr] for lr, value in template]
+        self._last = _LastCall(args, self.names, pairs, groups, lr_sharing, key, template)
+        return key, _fill_lrs(template, distinct_lrs)
+
+
+def _lr_sharing(lrs: Sequence[Any]) -> tuple[tuple[int, ...], list[Any]]:
+    """Which of ``lrs`` are equal, as the number of each's distinct value; and those values.
+    Typed, so that a tensor lr (hashed by identity) never equals a float."""
+    numbers: dict[tuple[type, Any], int] = {}
+    sharing = tuple([numbers.setdefault((type(lr), lr), len(numbers)) for lr in lrs])
+    return sharing, [lr for _, lr in numbers]
+
+
+def _fill_lrs(template: Sequence[tuple[int | None, float]], distinct_lrs: Sequence[Any]) -> list[float]:
+    return [value if lr is None else distinct_lrs[lr] for lr, value in template]
+
+
+class _LastCall:
+    """What ``RuntimeSignature`` read at one call, kept to tell at the next whether it would
+    read the same again, with a few list comparisons instead of a key per parameter.
+
+    Which parameters update, and with how many optimizers, changes only through
+    ``fx_optim_pass.api`` (its ``setup_generation``) or PyTorch's
+    ``_apply_optimizer_in_backward``, which lengthens a parameter's
+    ``_in_backward_optimizers``. Another model instance served by the same graph passes other
+    parameters (compared by ``id``: this holds no reference to them). Every optimizer and
+    its settings are read again at each call. Which inputs require grad, and each
+    parameter's dtype, are not read: Dynamo's guards on the frame's inputs fix them.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[Any],
+        names: Sequence[str],
+        pairs: Sequence[tuple[int, int, torch.Tensor, torch.optim.Optimizer]],
+        groups: Sequence[dict[str, Any]],
+        lr_sharing: tuple[int, ...],
+        key: tuple[Any, ...],
+        template: list[tuple[int | None, float]],
+    ) -> None:
+        self.generation = setup_generation()
+        self.grad_positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        self.list_lengths = self._list_lengths(args)
+        self.positions = [index for index, _, _, _ in pairs]
+        self.names = [names[index] for index in self.positions]  # for errors
+        self.places = [place for _, place, _, _ in pairs]
+        self.param_ids = [id(param) for _, _, param, _ in pairs]
+        optimizers = [opt for _, _, _, opt in pairs]
+        self.types = list(map(type, optimizers))
+        readers = [setup_readers(opt, group) for opt, group in zip(optimizers, groups)]
+        self.group_readers = [group_reader for group_reader, _ in readers]
+        self.attribute_readers = [attribute_reader for _, attribute_reader in readers]
+        self.settings = self._settings(optimizers, groups)
+        self.tensor_lrs = [isinstance(group["lr"], torch.Tensor) for group in groups]
+        self.lr_sharing = lr_sharing
+        self.key = key
+        self.template = template
+
+    def _list_lengths(self, args: Sequence[Any]) -> list[int]:
+        return [len(getattr(args[i], "_in_backward_optimizers", None) or ()) for i in self.grad_positions]
+
+    def _settings(self, optimizers: Sequence[torch.optim.Optimizer], groups: Sequence[dict[str, Any]]) -> list[Any]:
+        attributes = list(map(vars, optimizers))
+        return [
+            list(map(len, groups)),
+            [read(group) for read, group in zip(self.group_readers, groups)],
+            list(map(len, attributes)),
+            [read(attributes) for read, attributes in zip(self.attribute_readers, attributes)],
+        ]
+
+    def reuse(self, args: Sequence[Any]) -> tuple[tuple[Any, ...], list[float]] | None:
+        """This call's key and floats, if it reads what the last call read but the lr values."""
+        if setup_generation() != self.generation or self._list_lengths(args) != self.list_lengths:
+            return None
+        params = [args[i] for i in self.positions]
+        if list(map(id, params)) != self.param_ids:
+            return None
+        optimizers = [param._in_backward_optimizers[place] for param, place in zip(params, self.places)]
+        if list(map(type, optimizers)) != self.types:
+            return None
+        groups = [param_group(opt, param, name) for opt, param, name in zip(optimizers, params, self.names)]
+        try:
+            if self._settings(optimizers, groups) != self.settings:
+                return None
+        except (KeyError, RuntimeError):  # a setting gone; a tensor setting compared by value
+            return None
+        lrs = [group["lr"] for group in groups]
+        if [isinstance(lr, torch.Tensor) for lr in lrs] != self.tensor_lrs:
+            return None
+        lr_sharing, distinct_lrs = _lr_sharing(lrs)
+        if lr_sharing != self.lr_sharing:
+            return None
+        return self.key, _fill_lrs(self.template, distinct_lrs)
 
 
 def _extra_input_names(plan: UpdatePlan) -> list[str]:
@@ -678,16 +796,32 @@ class RuntimeInputs:
         # Per parameter and its optimizer's place: the True flag passed once that optimizer's
         # created state exists (see ``_step_inputs``).
         self._exists_flags: WeakIdentityMap[torch.Tensor, dict[int, torch.Tensor]] = WeakIdentityMap()
+        # Per optimizer of each parameter, in input order: where it is, and for an update
+        # whose inputs are its state tensors alone once they exist (no shard to check, no
+        # tensor lr), a reader of them all (``_state_reader``).
+        self._steps = [
+            (update, place, step, _state_reader(step) if update.shard is None and not step.lr_is_tensor else None)
+            for update in plan.params
+            for place, step in enumerate(update.steps)
+        ]
 
     def __call__(
         self, args: Sequence[Any], floats: Sequence[float], *, for_compile: bool = False
     ) -> list[torch.Tensor]:
         inputs = self._float_tensors(floats)
-        for param_update in self.plan.params:
-            param = args[param_update.input_index]
-            optimizers = param._in_backward_optimizers
-            for place, (step, optimizer) in enumerate(zip(param_update.steps, optimizers)):
-                inputs.extend(self._step_inputs(step, optimizer, param, for_compile, param_update, place))
+        for update, place, step, read_state in self._steps:
+            param = args[update.input_index]
+            optimizer = param._in_backward_optimizers[place]
+            if read_state is not None:
+                try:
+                    inputs.extend(read_state(optimizer.state[param]))
+                except KeyError:  # not created yet: ``_step_inputs`` creates it
+                    pass
+                else:
+                    if step.created:
+                        inputs.append(self._exists_flag(param, place))
+                    continue
+            inputs.extend(self._step_inputs(step, optimizer, param, for_compile, update, place))
         return inputs
 
     def _float_tensors(self, values: Sequence[float]) -> list[torch.Tensor]:
@@ -768,6 +902,15 @@ class RuntimeInputs:
             cached = (lr, torch.tensor(lr, dtype=torch.float64, device=device))
             per_optimizer[(id(group), str(device))] = cached
         return cached[1]
+
+
+def _state_reader(step: OptimizerStep) -> Callable[[dict[str, Any]], Sequence[torch.Tensor]]:
+    """Reads ``step``'s state tensors and then its created ones out of the optimizer's
+    state for one parameter, in one call (raises ``KeyError`` while one does not exist)."""
+    keys = (*step.state_keys, *(c.key for c in step.created))
+    if len(keys) > 1:
+        return operator.itemgetter(*keys)
+    return lambda state: [state[key] for key in keys]
 
 
 class ShardedStateError(RuntimeError):

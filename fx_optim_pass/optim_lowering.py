@@ -37,6 +37,7 @@ __all__ = [
     "run_time_floats",
     "runtime_hyperparameters",
     "setup_key",
+    "setup_readers",
     "takes_tensor_lr",
 ]
 
@@ -374,6 +375,17 @@ def setup_key(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: to
     )
 
 
+def setup_readers(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any]
+) -> tuple[Callable[[dict[str, Any]], Any], Callable[[dict[str, Any]], Any]]:
+    """Two ``itemgetter``s that read what ``setup_key`` reads of ``group`` and of
+    ``vars(optimizer)`` (their values, by the keys they have now): as long as each mapping
+    keeps its length and these keys, equal readings mean equal keys."""
+    _, group_reader = _field_readers_of(group, _is_group_setting_key)
+    _, attribute_reader = _field_readers_of(vars(optimizer), _is_public_attribute)
+    return group_reader, attribute_reader
+
+
 def _memoized_setup(
     optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor
 ) -> tuple[tuple[str, Any], ...]:
@@ -424,12 +436,18 @@ def _read_fields(mapping: dict[str, Any], wanted: Callable[[str], bool]) -> tupl
             return cached[0], cached[1](mapping)
         except KeyError:  # another key of the same count: read the keys again
             pass
-    keys = tuple(k for k in mapping if wanted(k))
-    reader: Callable[[dict[str, Any]], Any] = operator.itemgetter(*keys) if keys else _nothing
+    keys, reader = _field_readers_of(mapping, wanted)
     if len(_field_readers) > 4096:
         _field_readers.clear()
     _field_readers[cache_key] = (keys, reader)
     return keys, reader(mapping)
+
+
+def _field_readers_of(
+    mapping: dict[str, Any], wanted: Callable[[str], bool]
+) -> tuple[tuple[str, ...], Callable[[dict[str, Any]], Any]]:
+    keys = tuple(k for k in mapping if wanted(k))
+    return keys, operator.itemgetter(*keys) if keys else _nothing
 
 
 _field_readers: dict[tuple[int, int, Callable[[str], bool]], tuple[tuple[str, ...], Callable[..., Any]]] = {}

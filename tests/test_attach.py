@@ -1,5 +1,7 @@
 """fx_optim_pass.attach: one existing optimizer, any param groups, run in the backward."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -95,3 +97,77 @@ def test_parameter_added_after_compiling_gets_an_ordinary_gradient_and_step():
         ref_opt.step()
         ref_opt.zero_grad()
         assert_params_close([*model.parameters(), extra], [*reference.parameters(), ref_extra])
+
+
+# The compiled step skips re-reading every parameter's setup when nothing changed since its
+# last call (``dynamo_backend._LastCall``); each test below changes one thing that the
+# settings alone do not show, between two steps of one compiled graph.
+
+
+def _in_backward_model(device, *setups):
+    """``model_and_groups``' model with ``setups`` ((apply function, optimizer class, kwargs)) applied in order."""
+    model, _ = model_and_groups(device)
+    for apply, optimizer_class, kwargs in setups:
+        apply(optimizer_class, model.parameters(), kwargs)
+    return model
+
+
+def test_a_setup_redone_without_hooks_leaves_gradients_as_eager_after_a_compiled_step(device):
+    """Detached, then set up again with register_hook=False and the same settings: each
+    parameter has as many optimizers of the same kind as before, so only the package's
+    record of setup changes shows that the backward must not update any more."""
+    sgd = {"lr": 0.1}
+    model = _in_backward_model(device, (fop.apply_optimizer_in_backward, torch.optim.SGD, sgd))
+    loss = torch.compile(lambda x: model(x).sum(), backend=fop.make_backend(compiler="aot_eager"), fullgraph=True)
+    loss(torch.randn(4, 6, device=device)).backward()
+    for optimizer in fop.get_in_backward_optimizers(model):
+        fop.detach(optimizer)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), sgd, register_hook=False)
+    before = snapshot(model.parameters())
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 6, device=device)
+    loss(x).backward()
+    reference(x).sum().backward()
+    assert_params_close(model.parameters(), before)
+    assert_params_close([p.grad for p in model.parameters()], [p.grad for p in reference.parameters()])
+
+
+def test_a_second_optimizer_from_torchs_function_after_a_compiled_step_steps_too(device):
+    """PyTorch's ``_apply_optimizer_in_backward`` leaves no trace in this package: the second
+    optimizer shows only in the length of each parameter's ``_in_backward_optimizers``."""
+    from torch.distributed.optim import _apply_optimizer_in_backward
+
+    first = (_apply_optimizer_in_backward, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+    second = (_apply_optimizer_in_backward, torch.optim.AdamW, {"lr": 0.01})
+    model, reference = _in_backward_model(device, first), _in_backward_model(device, first)
+    loss = torch.compile(lambda x: model(x).sum(), backend=fop.make_backend(compiler="aot_eager"), fullgraph=True)
+    for step in range(4):
+        if step == 2:
+            for target in (model, reference):
+                second[0](second[1], target.parameters(), second[2])
+        x = torch.randn(4, 6, device=device)
+        loss(x).backward()
+        reference(x).sum().backward()  # PyTorch's eager hooks
+        assert_params_close(model.parameters(), reference.parameters())
+
+
+def test_a_same_structure_model_without_hooks_gets_ordinary_gradients_from_the_shared_graph(device):
+    """Two models of one structure share the graph; the second has the same optimizers and
+    settings but no hooks, so only which parameters were passed tells the calls apart."""
+    sgd = {"lr": 0.1}
+    hooked = _in_backward_model(device, (fop.apply_optimizer_in_backward, torch.optim.SGD, sgd))
+    unhooked, _ = model_and_groups(device)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, unhooked.parameters(), sgd, register_hook=False)
+    reference = copy.deepcopy(unhooked)
+    loss = torch.compile(
+        lambda model, x: model(x).sum(), backend=fop.make_backend(compiler="aot_eager"), fullgraph=True
+    )
+    for _ in range(2):
+        x = torch.randn(4, 6, device=device)
+        loss(hooked, x).backward()
+        before = snapshot(unhooked.parameters())
+        loss(unhooked, x).backward()
+        reference(x).sum().backward()
+        assert_params_close(unhooked.parameters(), before)
+        assert_params_close([p.grad for p in unhooked.parameters()], [p.grad for p in reference.parameters()])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
