@@ -561,10 +561,18 @@ class OptimizerStep:
             later_state = {k: v.clone() for k, v in state.items()}
             later_state.update({k: buf.clone() for k, buf in zip(created_keys, created)})
             _run_step(shadow, later_param, grad, lr, later_state, hyperparameters, lr_is_tensor)
-            param.copy_(torch.where(exists, later_param, first_param))
+            # The selects read "first step" as a value of its own, computed from the flag
+            # before it is set: so the flag's read and write are both 0-d work that
+            # ``hoist_step_scalars`` can move ahead of the backward's kernels.
+            first = torch.logical_not(exists)
+            param.copy_(torch.where(first, first_param, later_param))
             for key, tensor in [*state.items(), *zip(created_keys, created)]:
-                tensor.copy_(torch.where(exists, later_state[key], first_state[key]))
-            exists.fill_(True)  # tells the runtime this update ran (see _install_after_backward)
+                tensor.copy_(torch.where(first, first_state[key], later_state[key]))
+            # Set to True (it tells the runtime this update ran, see _install_after_backward),
+            # computed from the flag and ``first`` rather than filled: a constant write shares
+            # nothing with the 0-d nodes before it, and Inductor's scheduler fused it into a
+            # later kernel's parallel region, as an omp single (a barrier) per parameter.
+            exists.copy_(torch.logical_or(exists, first))
 
         return update
 

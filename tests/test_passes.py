@@ -71,8 +71,8 @@ def test_step_scalars_move_before_the_gradient_and_compute_the_same():
 
 
 def test_a_state_write_stays_while_a_node_left_behind_reads_the_state():
-    # SGD's first-step select: where(state_exists, later, first) reads the flag over the
-    # whole buffer, before the update writes True into it.
+    # A select over the whole buffer reads the flag itself, before the update writes True
+    # into it (how SGD's first-step select read it up to 4c47cae).
     def sgd_like(x, buf, exists):
         grad = torch.ops.aten.mul.Tensor(x, 2.0)
         buf.copy_(torch.where(exists, buf * 0.9 + grad, grad))
@@ -87,6 +87,34 @@ def test_a_state_write_stays_while_a_node_left_behind_reads_the_state():
     writes = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
     (flag_write,) = [n for n in writes if n.meta["val"].dim() == 0]
     assert position[select.name] < position[flag_write.name]
+
+
+def test_a_flag_read_through_a_value_of_its_own_moves_with_its_write():
+    # SGD's first-step select as the lowering writes it: the select reads "first step", a
+    # 0-d value computed from the flag, so the flag's read and its write both move.
+    def sgd_like(x, buf, exists):
+        grad = torch.ops.aten.mul.Tensor(x, 2.0)
+        first = torch.ops.aten.logical_not.default(exists)
+        buf.copy_(torch.where(first, grad, buf * 0.9 + grad))
+        exists.copy_(torch.ops.aten.full.default([], True, dtype=torch.bool))
+        return buf
+
+    for exists in (False, True):
+        example = (torch.randn(4), torch.randn(4), torch.tensor(exists))
+        gm = _update_graph(sgd_like, *example)
+        assert hoist_step_scalars(gm.graph) == 3  # logical_not, the constant True, the write
+        gm.graph.lint()
+        gm.recompile()
+        position = _positions(gm)
+        (select,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.where.self]
+        writes = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
+        (flag_write,) = [n for n in writes if n.meta["val"].dim() == 0]
+        assert position[flag_write.name] < position["grad"] < position[select.name]
+
+        reference = _update_graph(sgd_like, *example)
+        args, expected_args = [t.clone() for t in example], [t.clone() for t in example]
+        torch.testing.assert_close(gm(*args), reference(*expected_args))
+        torch.testing.assert_close(args, expected_args)
 
 
 def test_scalars_of_the_gradient_or_of_a_tensor_stay_in_place():
@@ -104,14 +132,20 @@ def test_scalars_of_the_gradient_or_of_a_tensor_stay_in_place():
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="Inductor's CPU kernels are serial on one thread")
-def test_adamw_backward_kernels_hold_no_barrier_per_parameter():
+@pytest.mark.parametrize(
+    ("optimizer_class", "kwargs"),
+    [(torch.optim.AdamW, {"lr": 1e-3}), (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})],
+    ids=["AdamW", "SGD"],
+)
+def test_backward_kernels_hold_no_barrier_per_parameter(optimizer_class, kwargs):
     # An omp single inside a parallel kernel is a barrier: about 15 us with
     # OMP_WAIT_POLICY=PASSIVE (the benchmarks'). Left after the gradient, each parameter's step
-    # scalars made one in a kernel that a LayerNorm's reductions had opened (12 here).
+    # scalars (AdamW) or its momentum buffer's "exists" flag (SGD) made one in a kernel that a
+    # LayerNorm's reductions had opened (12 and 6 here).
     torch.manual_seed(0)
     layers = [[torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.ReLU()] for _ in range(3)]
     model = torch.nn.Sequential(*[layer for block in layers for layer in block])
-    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 1e-3})
+    fop.apply_optimizer_in_backward(optimizer_class, model.parameters(), kwargs)
     compiled = torch.compile(model, backend=fop.backend, fullgraph=True)
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         _, backward = _torch_compat.run_and_get_code(lambda: compiled(torch.randn(64, 256)).sum().backward())

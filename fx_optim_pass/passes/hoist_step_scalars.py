@@ -12,8 +12,8 @@ kernel opens its parallel region: no barrier.
 
 Nothing outside the backward can tell: it runs as one call, each moved node reads only 0-d
 values that no node left behind writes first, and no node left behind reads the state a moved
-write writes. SGD's "exists" flag is read by ``where(state_exists, ...)`` over the whole
-momentum buffer, so its write stays in place (a barrier per parameter with momentum).
+write writes. SGD's first-step select reads ``logical_not(state_exists)``, a 0-d value that
+moves, so the flag's write moves too (``OptimizerStep.step_function``).
 
 This runs on the backward graph the partitioner cut: in the joint graph, the partitioner's
 ``reordering_to_mimic_autograd_engine`` would put each node back next to its first reader.
