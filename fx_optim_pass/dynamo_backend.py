@@ -545,9 +545,9 @@ class RuntimeSignature:
             reused = self._last.reuse(args)
             if reused is not None:
                 return reused
-        pairs = [(index, place, param, opt) for index, param, opt, place in _in_backward_optimizers(args)]
-        groups = [param_group(opt, param, self.names[index]) for index, _, param, opt in pairs]
-        setup_keys = [(index, setup_key(opt, group, param)) for (index, _, param, opt), group in zip(pairs, groups)]
+        pairs = list(_in_backward_optimizers(args))
+        groups = [param_group(opt, param, self.names[index]) for index, param, opt, _ in pairs]
+        setup_keys = [(index, setup_key(opt, group, param)) for (index, param, opt, _), group in zip(pairs, groups)]
         lr_sharing, distinct_lrs = _lr_sharing([group["lr"] for group in groups])
         memo_key = (tuple(setup_keys), lr_sharing)
         try:
@@ -596,7 +596,7 @@ class _LastCall:
         self,
         args: Sequence[Any],
         names: Sequence[str],
-        pairs: Sequence[tuple[int, int, torch.Tensor, torch.optim.Optimizer]],
+        pairs: Sequence[tuple[int, torch.Tensor, torch.optim.Optimizer, int]],
         groups: Sequence[dict[str, Any]],
         lr_sharing: tuple[int, ...],
         key: tuple[Any, ...],
@@ -607,9 +607,9 @@ class _LastCall:
         self.list_lengths = self._list_lengths(args)
         self.positions = [index for index, _, _, _ in pairs]
         self.names = [names[index] for index in self.positions]  # for errors
-        self.places = [place for _, place, _, _ in pairs]
-        self.param_ids = [id(param) for _, _, param, _ in pairs]
-        optimizers = [opt for _, _, _, opt in pairs]
+        self.places = [place for _, _, _, place in pairs]
+        self.param_ids = [id(param) for _, param, _, _ in pairs]
+        optimizers = [opt for _, _, opt, _ in pairs]
         self.types = list(map(type, optimizers))
         readers = [setup_readers(opt, group) for opt, group in zip(optimizers, groups)]
         self.group_readers = [group_reader for group_reader, _ in readers]
