@@ -141,7 +141,7 @@ def test_backward_kernels_hold_no_barrier_per_parameter(optimizer_class, kwargs)
     # An omp single inside a parallel kernel is a barrier: about 15 us with
     # OMP_WAIT_POLICY=PASSIVE (the benchmarks'). Left after the gradient, each parameter's step
     # scalars (AdamW) or its momentum buffer's "exists" flag (SGD) made one in a kernel that a
-    # LayerNorm's reductions had opened (12 and 6 here).
+    # LayerNorm's reductions had opened (12 and 8 here).
     torch.manual_seed(0)
     layers = [[torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.ReLU()] for _ in range(3)]
     model = torch.nn.Sequential(*[layer for block in layers for layer in block])
