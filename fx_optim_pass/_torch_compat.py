@@ -60,6 +60,7 @@ __all__ = [
     "shard_collective_ops",
     "structured_trace_enabled",
     "sync_module_states",
+    "tensor_layout_check",
     "trace_functional",
     "translate_backward_errors",
     "will_run_in_this_backward",
@@ -901,6 +902,19 @@ def retains_graph() -> bool:
 def set_versions(tensors: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
     """Set the in-place version counters that autograd checks saved tensors against."""
     torch._C._autograd._unsafe_set_version_counter(tuple(tensors), tuple(versions))
+
+
+def tensor_layout_check(tensors: Sequence[torch.Tensor]) -> Callable[..., bool]:
+    """A check, in C++, that tensors passed later have the dtypes, devices, sizes and strides of
+    ``tensors`` (Dynamo's ``TensorGuards``; a few µs for a hundred tensors). It also compares
+    dispatch keys and ``requires_grad``, so False is not proof that the layout differs."""
+    guards_class = getattr(torch._C._dynamo.guards, "TensorGuards", None)
+    if guards_class is None:
+        return lambda *_: False
+    # Each size and stride to compare, as a number (None would leave that dimension unchecked)
+    sizes = [list(t.shape) for t in tensors]
+    strides = [list(t.stride()) for t in tensors]
+    return guards_class(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check
 
 
 def will_run_in_this_backward(node: Any) -> bool:

@@ -17,7 +17,7 @@ import logging
 import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -154,12 +154,36 @@ def _compile(
             key = (key, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
             variant = variants.get(key)
         if variant is None:
-            fresh = _torch_compat.copy_dynamo_graph(pristine, [])
-            variant = _compile_variant(fresh, args, build_plan(fresh, args, group), floats, compiler, observe)
-            variants[key] = variant
-        return variant(args, floats)
+            variant = variants[key] = compile_for(args, floats)
+        outputs = variant(args, floats)
+        if isinstance(outputs, OtherStateLayout):
+            # The optimizer state is not of the dtypes, devices or strides the variant was
+            # compiled for (cast by the user, or loaded so): its kernels would misread it. The
+            # variant for this state serves this call and, under the same key, the next ones.
+            layout_key = (key, outputs.layout)
+            variant = variants.get(layout_key) or compile_for(args, floats)
+            variants[key] = variants[layout_key] = variant
+            outputs = variant(args, floats)
+            assert not isinstance(outputs, OtherStateLayout), "compiled for this call's state"
+        return outputs
+
+    def compile_for(args: Sequence[Any], floats: Sequence[float]) -> Callable[[Sequence[Any], Sequence[float]], Any]:
+        fresh = _torch_compat.copy_dynamo_graph(pristine, [])
+        return _compile_variant(fresh, args, build_plan(fresh, args, group), floats, compiler, observe)
 
     return run_compiled_step
+
+
+class OtherStateLayout(NamedTuple):
+    """What a compiled variant returns, without running, for optimizer state of another
+    layout than it was compiled for: that layout (``state_layout``)."""
+
+    layout: tuple[Any, ...]
+
+
+def state_layout(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """What compiled code assumes of its tensor inputs: dtypes, devices, sizes and strides."""
+    return tuple((t.dtype, t.device, tuple(t.shape), t.stride()) for t in tensors)
 
 
 def _compile_variant(
@@ -176,9 +200,8 @@ def _compile_variant(
     anchor = [_GRAD_ANCHOR] if plan.params else []
     input_names = [*_extra_input_names(plan), *(["grad_anchor"] if anchor else [])]
     graph = _torch_compat.copy_dynamo_graph(gm, input_names)
-    example = _torch_compat.with_scalar_symbols(
-        [*example_inputs, *runtime_inputs(example_inputs, floats, for_compile=True), *anchor]
-    )
+    example_extra = runtime_inputs(example_inputs, floats, for_compile=True)
+    example = _torch_compat.with_scalar_symbols([*example_inputs, *example_extra, *anchor])
     joint_pass = JointPass(plan, observe)
     if compiler == "inductor":
         compiled = _torch_compat.compile_inductor(
@@ -217,6 +240,10 @@ def _compile_variant(
     names = [p.name for p in plan.params]
     positions = [p.input_index for p in plan.params]
     watches: dict[tuple[int, ...], _ParameterWatch] = {}
+    # The optimizer state is not among Dynamo's guarded inputs, and Inductor's code checks
+    # only its sizes and strides: state of another dtype would be misread, silently.
+    compiled_layout = state_layout(example_extra)
+    same_layout = _torch_compat.tensor_layout_check(example_extra)
 
     def run_with_optimizer_inputs(args: Sequence[Any], floats: Sequence[float]) -> Any:
         # The updated parameters go in detached, so the compiled backward has no
@@ -228,6 +255,9 @@ def _compile_variant(
         for i, param in zip(positions, params):
             call_args[i] = param.detach()
         extra = runtime_inputs(args, floats)
+        if not same_layout(*extra) and (layout := state_layout(extra)) != compiled_layout:
+            runtime_inputs.take_installs()  # nothing runs: no state to install
+            return OtherStateLayout(layout)
         outputs = compiled(*call_args, *extra, _GRAD_ANCHOR)
         watch = _watch_parameters(params, names, watches)
         _guard_backward(outputs, params, watch, names, runtime_inputs.take_installs(), extra, read_by_backward)

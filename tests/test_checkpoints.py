@@ -73,3 +73,49 @@ def test_attached_optimizer_checkpoint_loads_into_a_plain_optimizer(device):
         plain_opt.step()
         plain_opt.zero_grad()
     assert_params_close(model.parameters(), plain.parameters())
+
+
+@pytest.mark.parametrize("change", ["float64 state", "column-major state"])
+def test_state_of_another_layout_gets_a_step_compiled_for_it(change, device):
+    """Optimizer state that the compiled kernels were not built for (cast to float64, or
+    laid out column-major, between steps: by the user, or by a checkpoint) gets a step
+    compiled for it, and the results match eager AdamW on the same state. The state is not
+    among Dynamo's guarded inputs, and Inductor's code checks only sizes and strides: a
+    float64 moment read as float32 gave NaN parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+    reference = deepcopy(model)
+    reference_opts = [torch.optim.AdamW([p], **ADAMW) for p in reference.parameters()]
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), ADAMW)
+    compiled = in_mode(model, "inductor")
+
+    def change_layout(state):
+        if change == "float64 state":
+            state["exp_avg_sq"] = state["exp_avg_sq"].double()
+            state["step"] = state["step"].double()
+        else:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if state[key].dim() == 2:
+                    state[key] = state[key].t().contiguous().t()  # same values, other strides
+
+    for step in range(5):
+        if step == 2:
+            for opt, ref_opt, p, ref_p in zip(
+                fop.get_in_backward_optimizers(model), reference_opts, model.parameters(), reference.parameters()
+            ):
+                change_layout(opt.state[p])
+                change_layout(ref_opt.state[ref_p])
+        x = torch.randn(4, 6, device=device)
+        compiled(x).sum().backward()
+        reference(x).sum().backward()
+        for ref_opt in reference_opts:
+            ref_opt.step()
+            ref_opt.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
+    for opt, ref_opt, p, ref_p in zip(
+        fop.get_in_backward_optimizers(model), reference_opts, model.parameters(), reference.parameters()
+    ):
+        for key, value in ref_opt.state[ref_p].items():
+            assert opt.state[p][key].dtype == value.dtype and opt.state[p][key].stride() == value.stride()
+            # float32's tolerances: the moments sum float32 gradients, compiled and eager
+            torch.testing.assert_close(opt.state[p][key], value, rtol=1.3e-6, atol=1e-5)
