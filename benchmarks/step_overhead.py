@@ -10,6 +10,10 @@ under cProfile and prints, per step, the time spent in the package's own functio
 that spend most of it. The profiler slows Python down, so compare sizes with each other,
 not with unprofiled steps.
 
+``--two-groups``: one AdamW attached with ``fx_optim_pass.attach``, its weights in a group
+with weight decay and its biases in one without (the usual transformer recipe), instead of
+an optimizer per parameter.
+
 ``--by-op``: the PyTorch profiler instead (``benchmarks.step_profile``), with Inductor's
 kernels recorded (``cpp.enable_kernel_profile``), and the self time per step of each op and
 region: the generated kernels (``cpp_fused_*``, together), the matmuls, and the Python
@@ -24,7 +28,8 @@ import pstats
 
 import torch
 
-from benchmarks.peers import build_peer
+import fx_optim_pass as fop
+from benchmarks.peers import Peer, build_peer
 from benchmarks.run import OPTIMIZERS, median_step_s, scale_model
 from benchmarks.step_profile import describe, profile_steps
 
@@ -35,6 +40,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--lines", type=int, default=6, help="the package's costliest functions to list")
     parser.add_argument("--by-op", action="store_true", help="PyTorch profiler: self time per op and region")
+    parser.add_argument(
+        "--two-groups", action="store_true", help="one attached AdamW, weights and biases in two groups"
+    )
     args = parser.parse_args()
     if args.by_op:
         torch._inductor.config.cpp.enable_kernel_profile = True
@@ -42,7 +50,11 @@ def main() -> None:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model, inputs = scale_model(count, torch.device("cpu"))
-        peer = build_peer("fx_optim", model, inputs, *OPTIMIZERS["adamw"])
+        peer = (
+            two_group_peer(model, inputs)
+            if args.two_groups
+            else build_peer("fx_optim", model, inputs, *OPTIMIZERS["adamw"])
+        )
         for _ in range(3):  # compile, then optimizer state
             peer.step()
         if args.by_op:
@@ -65,6 +77,20 @@ def main() -> None:
         print(f"    {total:.2f} ms per step in fx_optim_pass, profiled ({per_tensor_us:.1f} µs per tensor)")
         for (path, line, function), seconds in sorted(ours.items(), key=lambda item: -item[1])[: args.lines]:
             print(f"    {seconds * per_step_ms:.3f} ms  {path.split('fx_optim_pass/')[-1]}:{line} {function}")
+
+
+def two_group_peer(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Peer:
+    """fx_optim with one AdamW attached, weights with weight decay and biases without."""
+    optimizer_class, kwargs = OPTIMIZERS["adamw"]
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    biases = [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = fop.attach(optimizer_class([{"params": weights}, {"params": biases, "weight_decay": 0.0}], **kwargs))
+    forward = torch.compile(model, backend=fop.make_backend(), fullgraph=True)
+
+    def step() -> None:
+        forward(*inputs).backward()
+
+    return Peer("fx_optim", step, [optimizer], True)
 
 
 if __name__ == "__main__":

@@ -307,21 +307,31 @@ def param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor, param_nam
     groups = optimizer.param_groups
     if len(groups) == 1:  # the usual case, and every optimizer apply_optimizer_in_backward makes
         return groups[0]
-    index = _group_index.get(optimizer, {}).get(id(param))
-    if index is None or index >= len(groups) or not any(p is param for p in groups[index]["params"]):
-        _group_index[optimizer] = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        index = _group_index[optimizer].get(id(param))
-        if index is None:
+    # Where ``param`` was (group, place in its list), checked in O(1): with attach() and the
+    # usual two groups (decay, no decay), a scan of the group per parameter was O(n^2) a step.
+    where = _group_index.get(optimizer, {}).get(id(param))
+    if where is None or not _holds(groups, *where, param):
+        _group_index[optimizer] = {id(p): (i, k) for i, g in enumerate(groups) for k, p in enumerate(g["params"])}
+        where = _group_index[optimizer].get(id(param))
+        if where is None:
             what = f"parameter {param_name!r}" if param_name else f"a parameter of shape {tuple(param.shape)}"
             raise UnsupportedOptimizerError(
                 f"{type(optimizer).__name__} runs in the backward for {what} but no longer holds it in its "
                 "param_groups. Nothing was updated. Call fx_optim_pass.detach(optimizer) before changing its "
                 "param groups, then fx_optim_pass.attach(optimizer) again."
             )
-    return groups[index]
+    return groups[where[0]]
 
 
-_group_index: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, int]] = weakref.WeakKeyDictionary()
+def _holds(groups: Sequence[dict[str, Any]], index: int, place: int, param: torch.Tensor) -> bool:
+    if index >= len(groups):
+        return False
+    params = groups[index]["params"]
+    return place < len(params) and params[place] is param
+
+
+# Per optimizer of several groups: each parameter's (group index, place in the group's list), by id.
+_group_index: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, tuple[int, int]]] = weakref.WeakKeyDictionary()
 
 
 def _shadow_optimizer(

@@ -99,6 +99,25 @@ def test_parameter_added_after_compiling_gets_an_ordinary_gradient_and_step():
         assert_params_close([*model.parameters(), extra], [*reference.parameters(), ref_extra])
 
 
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_a_parameter_taken_out_of_its_group_after_a_compiled_step_is_refused_before_any_update(change):
+    """Each parameter's group is found where it last was in the group's list, checked at
+    every call (``optim_lowering.param_group``): one no longer in any group is refused."""
+    model, opt, _, _ = make("cpu")
+    fop.attach(opt)
+    compiled = in_mode(model, "aot_eager")
+    compiled(torch.randn(4, 6)).sum().backward()
+    params = opt.param_groups[1]["params"]  # model[2]'s weight and bias
+    if change == "removed":
+        params.pop(0)
+    else:
+        params[0] = nn.Parameter(torch.zeros_like(params[0]))
+    before = snapshot(model.parameters())
+    with pytest.raises(fop.UnsupportedOptimizerError, match=r"'2\.weight' but no longer holds it"):
+        compiled(torch.randn(4, 6)).sum().backward()
+    assert_params_close(model.parameters(), before)
+
+
 # The compiled step skips re-reading every parameter's setup when nothing changed since its
 # last call (``dynamo_backend._LastCall``); each test below changes one thing that the
 # settings alone do not show, between two steps of one compiled graph.
