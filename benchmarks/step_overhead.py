@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+from typing import Any
 
 import torch
 
@@ -84,7 +85,8 @@ def two_group_peer(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
     optimizer_class, kwargs = OPTIMIZERS["adamw"]
     weights = [p for p in model.parameters() if p.dim() > 1]
     biases = [p for p in model.parameters() if p.dim() <= 1]
-    optimizer = fop.attach(optimizer_class([{"params": weights}, {"params": biases, "weight_decay": 0.0}], **kwargs))
+    groups: list[dict[str, Any]] = [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+    optimizer = fop.attach(optimizer_class(groups, **kwargs))
     forward = torch.compile(model, backend=fop.make_backend(), fullgraph=True)
 
     def step() -> None:
