@@ -100,13 +100,13 @@ def test_parameter_added_after_compiling_gets_an_ordinary_gradient_and_step():
 
 
 @pytest.mark.parametrize("change", ["removed", "replaced"])
-def test_a_parameter_taken_out_of_its_group_after_a_compiled_step_is_refused_before_any_update(change):
+def test_a_parameter_taken_out_of_its_group_after_a_compiled_step_is_refused_before_any_update(change, device):
     """Each parameter's group is found where it last was in the group's list, checked at
     every call (``optim_lowering.param_group``): one no longer in any group is refused."""
-    model, opt, _, _ = make("cpu")
+    model, opt, _, _ = make(device)
     fop.attach(opt)
     compiled = in_mode(model, "aot_eager")
-    compiled(torch.randn(4, 6)).sum().backward()
+    compiled(torch.randn(4, 6, device=device)).sum().backward()
     params = opt.param_groups[1]["params"]  # model[2]'s weight and bias
     if change == "removed":
         params.pop(0)
@@ -114,7 +114,7 @@ def test_a_parameter_taken_out_of_its_group_after_a_compiled_step_is_refused_bef
         params[0] = nn.Parameter(torch.zeros_like(params[0]))
     before = snapshot(model.parameters())
     with pytest.raises(fop.UnsupportedOptimizerError, match=r"'2\.weight' but no longer holds it"):
-        compiled(torch.randn(4, 6)).sum().backward()
+        compiled(torch.randn(4, 6, device=device)).sum().backward()
     assert_params_close(model.parameters(), before)
 
 
