@@ -29,8 +29,6 @@ __all__ = [
     "MUST_BE_IN_BACKWARD",
     "MUST_BE_IN_FORWARD",
     "CustomGraphPass",
-    "accumulate_grad_node",
-    "accumulate_grad_variable",
     "all_reduce_ops",
     "barrier_before_inplace_stores_in_reductions",
     "compile_aot_eager",
@@ -63,6 +61,7 @@ __all__ = [
     "tensor_layout_check",
     "trace_functional",
     "translate_backward_errors",
+    "will_accumulate_in_this_backward",
     "will_run_in_this_backward",
 ]
 
@@ -883,11 +882,6 @@ def _torch_hook_map() -> Any:
     return torch_impl.param_to_optim_hook_handle_map
 
 
-def accumulate_grad_variable(node: Any) -> torch.Tensor:
-    """The leaf tensor an AccumulateGrad node accumulates into (the node holds it)."""
-    return node.variable
-
-
 def hooked_by_torch(param: torch.Tensor) -> bool:
     """Whether PyTorch's ``_apply_optimizer_in_backward`` registered a hook for ``param``."""
     hook_map = _torch_hook_map()
@@ -922,6 +916,18 @@ def will_run_in_this_backward(node: Any) -> bool:
     return bool(torch._C._will_engine_execute_node(node))
 
 
+def will_accumulate_in_this_backward(param: torch.Tensor) -> bool:
+    """Inside a backward hook: whether the running backward will run the AccumulateGrad
+    node of leaf ``param`` (gradient from an autograd graph that uses it)."""
+    # A live AccumulateGrad node holds its tensor. Held by nothing but its Python object,
+    # ``param`` has none, so none can run: that reads one count (0.06 µs), where fetching
+    # the node costs 1.5 µs per parameter and step.
+    use_count = getattr(param, "_use_count", None)  # TensorBase's, untyped; absent: fetch the node
+    if use_count is not None and use_count() <= 1:
+        return False
+    return will_run_in_this_backward(_accumulate_grad_node(param))
+
+
 def translate_backward_errors(node: Any, translate: Callable[[Exception], Exception | None]) -> None:
     """Make the ``torch.autograd.Function`` behind backward node ``node`` (AOTAutograd's
     ``CompiledFunction``, one class per compiled graph) raise ``translate(error)``, chained
@@ -949,19 +955,9 @@ def translate_backward_errors(node: Any, translate: Callable[[Exception], Except
     function_class.backward = staticmethod(translated_backward)
 
 
-def accumulate_grad_node(param: torch.Tensor) -> Any:
-    """The AccumulateGrad autograd node of a leaf tensor (what the eager hooks sit on).
-
-    A frozen parameter (``requires_grad=False``) has none yet: one is made for it, and
-    autograd uses that same node once the parameter is unfrozen, as long as the caller
-    keeps it alive (autograd itself holds it only weakly).
-    """
-    if not param.requires_grad:
-        param.requires_grad_(True)
-        try:
-            return accumulate_grad_node(param)
-        finally:
-            param.requires_grad_(False)
+def _accumulate_grad_node(param: torch.Tensor) -> Any:
+    """The AccumulateGrad autograd node of leaf ``param``, which requires grad: the one the
+    graphs that use it link to, or a new one (autograd holds it only weakly)."""
     with torch.enable_grad():
         return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
 

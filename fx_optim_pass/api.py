@@ -14,7 +14,6 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from fx_optim_pass import _torch_compat
 from fx_optim_pass.optim_lowering import check_supported_optimizer
@@ -23,10 +22,6 @@ __all__ = ["apply_optimizer_in_backward", "attach", "detach", "get_in_backward_o
 
 K = TypeVar("K")
 V = TypeVar("V")
-
-# Weak maps, as in PyTorch's implementation: metadata must not keep parameters
-# alive nor be serialized with them.
-_accumulate_grad_nodes = WeakTensorKeyDictionary()
 
 
 class WeakIdentityMap(Generic[K, V]):
@@ -58,6 +53,7 @@ class WeakIdentityMap(Generic[K, V]):
         return self._entries.pop(id(key))[1]
 
 
+# Weak: metadata must not keep parameters alive nor be serialized with them.
 _hook_handles: WeakIdentityMap[torch.Tensor, RemovableHandle] = WeakIdentityMap()
 
 # Bumped by every change this module makes to which optimizers a parameter has or whether
@@ -127,23 +123,36 @@ def _add_optimizer(
     param._optimizer_kwargs.append(optimizer_kwargs)  # type: ignore[attr-defined]
 
     # One hook steps every optimizer of the parameter, so one hook per parameter
-    # suffices (PyTorch registers one per call; the later ones find no gradient).
+    # suffices (PyTorch registers one per call; the later ones find no gradient). It sits
+    # on the parameter, not on its AccumulateGrad node as PyTorch's does: a node holds its
+    # parameter, so keeping one alive for the hook would keep the model and its optimizer
+    # state alive after the user dropped them.
     if not register_hook or param in _hook_handles:
         return
-    if param not in _accumulate_grad_nodes:
-        _accumulate_grad_nodes[param] = _torch_compat.accumulate_grad_node(param)
+    _hook_handles[param] = _register_post_accumulate_grad_hook(param, _step_in_backward)
 
-    def step_in_backward(*_unused: Any) -> None:
-        # Compiled backward updates in the graph and leaves no gradient here:
-        # stepping again would be a second update (a no-op for torch.optim, but
-        # not necessarily for a user's optimizer).
-        if param.grad is None:
-            return
-        for opt in param._in_backward_optimizers:  # type: ignore[attr-defined]
-            opt.step()
-        param.grad = None
 
-    _hook_handles[param] = _accumulate_grad_nodes[param].register_hook(step_in_backward)
+def _register_post_accumulate_grad_hook(param: torch.Tensor, hook: Any) -> RemovableHandle:
+    """``param.register_post_accumulate_grad_hook(hook)``, also for a frozen parameter
+    (``requires_grad=False``), where it takes effect once the parameter is unfrozen."""
+    if param.requires_grad:
+        return param.register_post_accumulate_grad_hook(hook)
+    param.requires_grad_(True)
+    try:
+        return param.register_post_accumulate_grad_hook(hook)
+    finally:
+        param.requires_grad_(False)
+
+
+def _step_in_backward(param: torch.Tensor) -> None:
+    # Compiled backward updates in the graph and leaves no gradient here: stepping
+    # again would be a second update (a no-op for torch.optim, but not necessarily
+    # for a user's optimizer).
+    if param.grad is None:
+        return
+    for opt in param._in_backward_optimizers:  # type: ignore[attr-defined]
+        opt.step()
+    param.grad = None
 
 
 def attach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

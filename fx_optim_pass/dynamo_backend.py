@@ -293,15 +293,18 @@ class PartialGradientError(RuntimeError):
 # go in detached); the graph never reads it, so it never gets a gradient.
 _GRAD_ANCHOR = torch.zeros((), requires_grad=True)
 
-# Compiled calls whose backward has not run yet: (their backward node, weakly; the ids
-# of the parameters they update, with their names; those parameters' AccumulateGrad nodes).
-_pending_calls: list[tuple[weakref.ref[Any], dict[int, str], list[Any]]] = []
-_ParameterWatch = tuple[dict[int, str], list[Any]]
-"""Updated parameters' names by id, and their watched AccumulateGrad nodes (``_watch_parameters``)."""
+_ParameterWatch = tuple[dict[int, str], list[weakref.ref[torch.Tensor]]]
+"""Updated parameters' names by id, and the parameters, weakly (``_watch_parameters``)."""
+# Compiled calls whose backward has not run yet: their backward node, weakly, and the
+# ``_ParameterWatch`` of the parameters they update. Nothing here holds a parameter: a
+# forward whose backward never runs must not keep its model alive.
+_pending_calls: list[tuple[weakref.ref[Any], dict[int, str], list[weakref.ref[torch.Tensor]]]] = []
 
-# Each updated parameter's AccumulateGrad node, held so that it stays the node eager
-# uses of the parameter link to (autograd caches it only weakly), with our pre-hook.
-_accumulate_grad_nodes: dict[int, Any] = {}  # by id(param); each node holds its param
+# Each updated parameter's hook that refuses eager gradient while a compiled call that
+# updates it is pending (``_refuse_eager_gradient``). On the parameter, not on its
+# AccumulateGrad node: a node holds its parameter, so keeping one alive would keep the
+# model and its optimizer state alive after the user dropped them.
+_eager_gradient_checks: WeakIdentityMap[torch.Tensor, Any] = WeakIdentityMap()
 
 _FIX = (
     "Compile with fullgraph=True, keep every use of the parameter inside the compiled model and call "
@@ -312,15 +315,24 @@ _FIX = (
 def _watch_parameters(
     params: Sequence[torch.Tensor], names: Sequence[str], watches: dict[tuple[int, ...], _ParameterWatch]
 ) -> _ParameterWatch:
-    """For ``_guard_backward``: the name of each of ``params`` by its ``id``, and their
-    AccumulateGrad nodes, watched (``_watched_accumulate_grad_node``). Kept per set of
-    parameters in ``watches``: the nodes hold their parameters, so these ids stay theirs."""
+    """For ``_guard_backward``: the name of each of ``params`` by its ``id`` and weak
+    references to them, once each has the hook of ``_refuse_eager_gradient``. Kept per
+    set of parameters in ``watches``, and dropped from it as soon as one of them is gone,
+    before its id can be another's."""
     ids = tuple(map(id, params))
     watch = watches.get(ids)
     if watch is None:
         if len(watches) > 8:  # one per model instance this graph serves
             watches.clear()
-        watch = watches[ids] = (dict(zip(ids, names)), [_watched_accumulate_grad_node(p) for p in params])
+        for param in params:
+            if param not in _eager_gradient_checks:
+                hook = torch.utils.hooks.unserializable_hook(functools.partial(_refuse_eager_gradient, id(param)))
+                _eager_gradient_checks[param] = param.register_hook(hook)
+
+        def forget(_: Any) -> None:
+            watches.pop(ids, None)
+
+        watch = watches[ids] = (dict(zip(ids, names)), [weakref.ref(param, forget) for param in params])
     return watch
 
 
@@ -340,8 +352,9 @@ def _guard_backward(
     - ``_refuse_partial_gradients`` for every compiled call of this backward, this one
       included: the first compiled backward to run refuses before any of them updates.
 
-    The same check runs before an updated parameter's AccumulateGrad node, for when the
-    eager part arrives first. ``installs`` run after the compiled backward.
+    The same check runs when eager gradient reaches an updated parameter, for when the
+    eager part arrives first (``_refuse_eager_gradient``). ``installs`` run after the
+    compiled backward.
 
     A backward with ``retain_graph=True`` may be followed by another through the same
     graph; like PyTorch's eager hooks, that one updates again (see ``_allow_another_update``).
@@ -440,8 +453,8 @@ def _refuse_partial_gradients() -> None:
       runs): the update would miss that part.
     """
     running = [
-        (updated, accumulate_nodes)
-        for node_ref, updated, accumulate_nodes in _pending_calls
+        (updated, param_refs)
+        for node_ref, updated, param_refs in _pending_calls
         if (node := node_ref()) is not None and _torch_compat.will_run_in_this_backward(node)
     ]
     seen: set[int] = set()
@@ -457,9 +470,9 @@ def _refuse_partial_gradients() -> None:
         )
     from_eager = [
         name
-        for updated, accumulate_nodes in running
-        for name, node in zip(updated.values(), accumulate_nodes)
-        if _torch_compat.will_run_in_this_backward(node)
+        for updated, param_refs in running
+        for name, param_ref in zip(updated.values(), param_refs)
+        if (param := param_ref()) is not None and _torch_compat.will_accumulate_in_this_backward(param)
     ]
     if from_eager:
         raise _eager_contribution_error(from_eager)
@@ -474,24 +487,13 @@ def _eager_contribution_error(names: Sequence[str]) -> PartialGradientError:
     )
 
 
-def _watched_accumulate_grad_node(param: torch.Tensor) -> Any:
-    """``param``'s AccumulateGrad node, with a pre-hook that refuses its gradient while a
-    compiled call that updates ``param`` is still to run in the same backward."""
-    param_id = id(param)
-    node = _accumulate_grad_nodes.get(param_id)
-    if node is not None and _torch_compat.accumulate_grad_variable(node) is param:
-        return node
-    node = _torch_compat.accumulate_grad_node(param)
-
-    def refuse_if_also_compiled(*_unused: Any) -> None:
-        for call_ref, updated, _ in list(_pending_calls):
-            call = call_ref()
-            if call is not None and param_id in updated and _torch_compat.will_run_in_this_backward(call):
-                raise _eager_contribution_error([updated[param_id]])
-
-    node.register_prehook(refuse_if_also_compiled)
-    _accumulate_grad_nodes[param_id] = node
-    return node
+def _refuse_eager_gradient(param_id: int, _grad: torch.Tensor) -> None:
+    """A tensor hook of each updated parameter: refuse the gradient that eager code sends
+    it while a compiled call that updates it is still to run in the same backward."""
+    for call_ref, updated, _ in list(_pending_calls):
+        call = call_ref()
+        if call is not None and param_id in updated and _torch_compat.will_run_in_this_backward(call):
+            raise _eager_contribution_error([updated[param_id]])
 
 
 def _compiled_backward_node(outputs: Any) -> Any:

@@ -1,5 +1,7 @@
 """What a compiled step does and does not do, beyond parity."""
 
+import gc
+import weakref
 from copy import deepcopy
 
 import pytest
@@ -51,6 +53,30 @@ def test_create_graph_gets_our_error_before_any_parameter_changes(mode, device):
     with pytest.raises(fop.DoubleBackwardError, match=r"create_graph=True.*0\.weight"):
         compiled(torch.randn(4, 6, device=device)).sum().backward(create_graph=True)
     assert_params_close(model.parameters(), before)
+
+
+@pytest.mark.parametrize("setup", ["apply_optimizer_in_backward", "attach"])
+@pytest.mark.parametrize("mode", ["eager", *COMPILED])
+def test_a_dropped_model_and_its_optimizer_state_are_freed(mode, setup, device):
+    """A notebook cell run again, a sweep of trials: the new model must not find the last
+    one still alive with its optimizer state (on a GPU, out of memory by the second trial).
+    An AccumulateGrad node holds its parameter, so none may be kept for the hooks."""
+    model = mlp(device)
+    if setup == "attach":
+        fop.attach(torch.optim.AdamW(model.parameters(), lr=0.1))
+    else:
+        fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    compiled = in_mode(model, mode)
+    for _ in range(2):
+        compiled(torch.randn(4, 6, device=device)).sum().backward()
+    compiled(torch.randn(4, 6, device=device))  # a forward whose backward never runs
+    optimizer = fop.get_in_backward_optimizers(model)[0]
+    moment = optimizer.state[model[0].weight]["exp_avg"]
+    assert moment.abs().sum() > 0  # it stepped
+    dropped = [weakref.ref(model[0].weight), weakref.ref(moment), weakref.ref(optimizer)]
+    del model, compiled, optimizer, moment
+    gc.collect()
+    assert [ref() is None for ref in dropped] == [True, True, True]
 
 
 @pytest.fixture
