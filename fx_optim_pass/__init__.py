@@ -12,6 +12,7 @@ from fx_optim_pass.data_parallel import data_parallel
 from fx_optim_pass.distributed import CollectiveError, DataParallelSetupError
 from fx_optim_pass.dynamo_backend import (
     DoubleBackwardError,
+    OptimizerStateError,
     PartialGradientError,
     SecondBackwardError,
     ShardedStateError,
@@ -26,6 +27,7 @@ __all__ = [
     "DataParallelSetupError",
     "DoubleBackwardError",
     "InspectError",
+    "OptimizerStateError",
     "PartialGradientError",
     "Report",
     "SecondBackwardError",

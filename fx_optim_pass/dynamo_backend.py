@@ -200,6 +200,7 @@ def _compile_variant(
     anchor = [_GRAD_ANCHOR] if plan.params else []
     input_names = [*_extra_input_names(plan), *(["grad_anchor"] if anchor else [])]
     graph = _torch_compat.copy_dynamo_graph(gm, input_names)
+    _check_state_shapes(plan, example_inputs)
     example_extra = runtime_inputs(example_inputs, floats, for_compile=True)
     example = _torch_compat.with_scalar_symbols([*example_inputs, *example_extra, *anchor])
     joint_pass = JointPass(plan, observe)
@@ -945,7 +946,36 @@ def _state_reader(step: OptimizerStep) -> Callable[[dict[str, Any]], Sequence[to
     return lambda state: [state[key] for key in keys]
 
 
-class ShardedStateError(RuntimeError):
+def _check_state_shapes(plan: UpdatePlan, args: Sequence[Any]) -> None:
+    """Refuse existing optimizer state of another shape than the update reads, before the
+    step is compiled for it: it would broadcast into the update, or fail inside it (in the
+    compiled backward, after other parameters were updated). Sharded state has its own
+    check (``_check_sharded_state``)."""
+    for update in plan.params:
+        if update.shard is not None:
+            continue
+        param = args[update.input_index]
+        for place, step in enumerate(update.steps):
+            optimizer = param._in_backward_optimizers[place]
+            state = optimizer.state.get(param, {})
+            expected = [*zip(step.state_keys, step.state_shapes), *((c.key, c.shape) for c in step.created)]
+            for key, shape in expected:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+                    raise OptimizerStateError(
+                        f"{type(optimizer).__name__} state {key!r} of parameter {update.name!r} has shape "
+                        f"{tuple(value.shape)}, but its update reads one of shape {shape}. Nothing was updated. "
+                        "Load the optimizer state_dict() saved for this model, or drop this parameter's state "
+                        "(optimizer.state.pop(param)) to start it afresh."
+                    )
+
+
+class OptimizerStateError(RuntimeError):
+    """Optimizer state of another shape than its parameter's update reads (a state_dict
+    saved for another model, or state set by hand)."""
+
+
+class ShardedStateError(OptimizerStateError):
     """Optimizer state that does not have this rank's shard shape, with ``shard_optimizer_state=True``."""
 
 

@@ -524,6 +524,7 @@ class OptimizerStep:
     setup: tuple[tuple[str, Any], ...]
     hyperparameters: tuple[Hyperparameter, ...]
     state_keys: tuple[str, ...]
+    state_shapes: tuple[tuple[int, ...], ...]  # of the state tensors, as the update reads them
     created: tuple[CreatedState, ...]
     lr_is_tensor: bool
     shadow: torch.optim.Optimizer = field(compare=False, repr=False)
@@ -713,7 +714,8 @@ def _describe_step(
         if key not in state and isinstance(value, torch.Tensor)
     )
     setup = compiled_setup(optimizer, param, param_name)
-    return OptimizerStep(type(optimizer), setup, runtime, tuple(state), created, lr_is_tensor, shadow)
+    shapes = tuple(tuple(value.shape) for value in state.values())
+    return OptimizerStep(type(optimizer), setup, runtime, tuple(state), shapes, created, lr_is_tensor, shadow)
 
 
 def hyperparameter_tensor(value: float) -> torch.Tensor:

@@ -119,3 +119,35 @@ def test_state_of_another_layout_gets_a_step_compiled_for_it(change, device):
             assert opt.state[p][key].dtype == value.dtype and opt.state[p][key].stride() == value.stride()
             # float32's tolerances: the moments sum float32 gradients, compiled and eager
             torch.testing.assert_close(opt.state[p][key], value, rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("when", ["before the first step", "after two steps"])
+def test_state_of_another_shape_is_refused_before_any_update(when, device):
+    """A state_dict saved for another model (a first layer of 5 inputs, not 6) loaded into
+    one parameter's optimizer: torch's load_state_dict takes it (it checks group sizes, not
+    shapes). The step refuses it, naming the parameter and the state, before anything
+    changes (before, torch's broadcast error came wrapped in UnsupportedOptimizerError,
+    whose advice did not fit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), ADAMW)
+    compiled = in_mode(model, "inductor")
+    for _ in range(0 if when == "before the first step" else 2):
+        compiled(torch.randn(4, 6, device=device)).sum().backward()
+    other = nn.Linear(5, 8).to(device)
+    other_optimizer = torch.optim.AdamW([other.weight], **ADAMW)
+    other(torch.randn(4, 5, device=device)).sum().backward()
+    other_optimizer.step()
+    optimizers = fop.get_in_backward_optimizers(model)
+    optimizers[0].load_state_dict(other_optimizer.state_dict())
+    params_before = [p.detach().clone() for p in model.parameters()]
+    states_before = [{k: v.clone() for k, v in opt.state[p].items()} for opt, p in zip(optimizers, model.parameters())]
+    with pytest.raises(Exception) as raised:
+        compiled(torch.randn(4, 6, device=device)).sum().backward()
+    error = getattr(raised.value, "inner_exception", raised.value)  # Dynamo's BackendCompilerFailed wraps ours
+    assert isinstance(error, fop.OptimizerStateError), repr(raised.value)
+    assert "'exp_avg' of parameter '0.weight' has shape (8, 5), but its update reads one of shape (8, 6)" in str(error)
+    assert_params_close(model.parameters(), params_before)
+    for opt, p, before in zip(optimizers, model.parameters(), states_before):
+        for key, value in before.items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=0, atol=0)
