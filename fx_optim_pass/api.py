@@ -129,7 +129,7 @@ def _add_optimizer(
     # state alive after the user dropped them.
     if not register_hook or param in _hook_handles:
         return
-    _hook_handles[param] = _register_post_accumulate_grad_hook(param, _step_in_backward)
+    _hook_handles[param] = _register_post_accumulate_grad_hook(param, own_hook(_step_in_backward))
 
 
 def _register_post_accumulate_grad_hook(param: torch.Tensor, hook: Any) -> RemovableHandle:
@@ -216,6 +216,27 @@ def updates_in_backward(param: torch.Tensor) -> bool:
     if not getattr(param, "_in_backward_optimizers", None):
         return False
     return param in _hook_handles or _torch_compat.hooked_by_torch(param)
+
+
+def own_hook(hook: Any) -> Any:
+    """Mark ``hook``, a gradient hook this package puts on a parameter, as not the user's
+    (``has_gradient_hooks``); returns it."""
+    hook._fx_optim_pass = True
+    return hook
+
+
+def has_gradient_hooks(param: torch.Tensor) -> bool:
+    """Whether ``param`` has gradient hooks of the user's: tensor hooks (``register_hook``),
+    which see and may change its gradient, or post-accumulate-grad hooks.
+
+    A compiled backward hands the gradient to the update inside the graph, past them, so
+    such a parameter steps eagerly instead, after its hooks, as it does uncompiled."""
+    return any(
+        not getattr(hook, "_fx_optim_pass", False)
+        for hooks in (param._backward_hooks, param._post_accumulate_grad_hooks)
+        if hooks
+        for hook in hooks.values()
+    )
 
 
 def get_in_backward_optimizers(module: torch.nn.Module) -> list[torch.optim.Optimizer]:

@@ -23,8 +23,8 @@ import torch
 import torch.fx as fx
 
 from fx_optim_pass import _torch_compat
-from fx_optim_pass.api import WeakIdentityMap, setup_generation, updates_in_backward
-from fx_optim_pass.distributed import collective_error, data_parallel_spec
+from fx_optim_pass.api import WeakIdentityMap, has_gradient_hooks, own_hook, setup_generation, updates_in_backward
+from fx_optim_pass.distributed import DataParallelSetupError, collective_error, data_parallel_spec
 from fx_optim_pass.optim_lowering import (
     LR,
     OptimizerStep,
@@ -327,8 +327,8 @@ def _watch_parameters(
             watches.clear()
         for param in params:
             if param not in _eager_gradient_checks:
-                hook = torch.utils.hooks.unserializable_hook(functools.partial(_refuse_eager_gradient, id(param)))
-                _eager_gradient_checks[param] = param.register_hook(hook)
+                hook = own_hook(functools.partial(_refuse_eager_gradient, id(param)))
+                _eager_gradient_checks[param] = param.register_hook(torch.utils.hooks.unserializable_hook(hook))
 
         def forget(_: Any) -> None:
             watches.pop(ids, None)
@@ -532,9 +532,15 @@ def _in_backward_optimizers(
     with its parameter, that parameter's input position and the optimizer's among the
     parameter's ``_in_backward_optimizers``."""
     for index, arg in enumerate(args):
-        if isinstance(arg, torch.Tensor) and arg.requires_grad and updates_in_backward(arg):
+        if isinstance(arg, torch.Tensor) and arg.requires_grad and _updates_in_graph(arg):
             for place, opt in enumerate(arg._in_backward_optimizers):  # type: ignore[attr-defined]
                 yield index, arg, opt, place
+
+
+def _updates_in_graph(param: torch.Tensor) -> bool:
+    """Whether a compiled call updates ``param`` in its backward: it has in-backward
+    optimizers and no gradient hook of the user's (``has_gradient_hooks``)."""
+    return updates_in_backward(param) and not has_gradient_hooks(param)
 
 
 def runtime_signature(args: Sequence[Any], names: Sequence[str]) -> tuple[tuple[Any, ...], list[float], dict[int, int]]:
@@ -617,9 +623,10 @@ class _LastCall:
     read the same again, with a few list comparisons instead of a key per parameter.
 
     Which parameters update, and with how many optimizers, changes only through
-    ``fx_optim_pass.api`` (its ``setup_generation``) or PyTorch's
+    ``fx_optim_pass.api`` (its ``setup_generation``), PyTorch's
     ``_apply_optimizer_in_backward``, which lengthens a parameter's
-    ``_in_backward_optimizers``. Another model instance served by the same graph passes other
+    ``_in_backward_optimizers``, or a gradient hook added or removed, which changes the
+    length of its hook dicts. Another model instance served by the same graph passes other
     parameters (compared by ``id``: this holds no reference to them). Every optimizer and
     its settings are read again at each call. Which inputs require grad, and each
     parameter's dtype, are not read: Dynamo's guards on the frame's inputs fix them.
@@ -653,8 +660,17 @@ class _LastCall:
         self.key = key
         self.template = template
 
-    def _list_lengths(self, args: Sequence[Any]) -> list[int]:
-        return [len(getattr(args[i], "_in_backward_optimizers", None) or ()) for i in self.grad_positions]
+    def _list_lengths(self, args: Sequence[Any]) -> list[tuple[int, int, int]]:
+        # Per parameter: its in-backward optimizers, and its gradient hooks (a user's
+        # takes it out of the graph's updates: ``has_gradient_hooks``).
+        return [
+            (
+                len(getattr(param, "_in_backward_optimizers", None) or ()),
+                len(param._backward_hooks or ()),
+                len(param._post_accumulate_grad_hooks or ()),
+            )
+            for param in map(args.__getitem__, self.grad_positions)
+        ]
 
     def _settings(self, optimizers: Sequence[torch.optim.Optimizer], groups: Sequence[dict[str, Any]]) -> list[Any]:
         attributes = list(map(vars, optimizers))
@@ -729,7 +745,13 @@ def build_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], group: DataPar
         if not (isinstance(value, torch.Tensor) and value.requires_grad):
             continue
         name = _input_name(node)
-        in_backward = updates_in_backward(value)
+        in_backward = _updates_in_graph(value)
+        if group is not None and group.shard_optimizer_state and not in_backward and updates_in_backward(value):
+            raise DataParallelSetupError(
+                f"parameter {name!r} has a gradient hook (register_hook or register_post_accumulate_grad_hook): "
+                "it would then step eagerly, on its full gradient and state, where shard_optimizer_state=True "
+                "keeps only this rank's shard of its state. Remove the hook, or train without shard_optimizer_state."
+            )
         shard = None
         if group is not None and group.shard_optimizer_state and in_backward:
             shard = GradientShard(group, value.numel())  # reduce-scattered instead of all-reduced

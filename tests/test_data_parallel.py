@@ -297,6 +297,22 @@ def test_full_parameter_state_loaded_into_a_sharded_run_is_refused_before_any_up
     assert_params_close(model.parameters(), before)
 
 
+def test_a_gradient_hook_on_a_parameter_of_a_sharded_run_is_refused_before_any_update(one_rank):
+    """A user's gradient hook sends its parameter out of the graph's updates, to step eagerly
+    (test_semantics.py): on its full gradient, where this rank keeps only a shard of its state."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 8)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+    backend = fop.data_parallel(model, compiler="aot_eager", shard_optimizer_state=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled(torch.randn(2, 6)).sum().backward()
+    model.weight.register_hook(lambda grad: grad.clamp(-1, 1))
+    before = snapshot(model.parameters())
+    with pytest.raises(fop.DataParallelSetupError, match=r"parameter 'weight' has a gradient hook"):
+        compiled(torch.randn(2, 6)).sum().backward()
+    assert_params_close(model.parameters(), before)
+
+
 def test_collective_failures_name_this_rank_and_the_peer_where_the_backend_does():
     spec = DataParallelSpec("3", 4, rank=2)
     gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.7]:6067. Check logs.")

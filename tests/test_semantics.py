@@ -79,6 +79,43 @@ def test_a_dropped_model_and_its_optimizer_state_are_freed(mode, setup, device):
     assert [ref() is None for ref in dropped] == [True, True, True]
 
 
+@pytest.mark.parametrize("hook", ["register_hook", "register_post_accumulate_grad_hook"])
+@pytest.mark.parametrize("mode", COMPILED)
+def test_a_parameter_with_a_gradient_hook_steps_after_it_as_uncompiled(hook, mode, device):
+    """A user's gradient hook on an updated parameter: a mask (register_hook, here one that
+    zeroes 0.weight's gradient) or a post-accumulate-grad hook (here one that counts). The
+    compiled backward hands the gradient to the update inside the graph, past both: the
+    mask was ignored and the count stayed 0. Such a parameter steps eagerly instead, after
+    its hooks, as uncompiled, the others still in the graph: from the step the hook comes,
+    and back in the graph once it is removed. Parity with the model uncompiled, same hooks."""
+    model = mlp(device)
+    reference = deepcopy(model)
+    for each in (model, reference):
+        fop.apply_optimizer_in_backward(torch.optim.AdamW, each.parameters(), {"lr": 0.1})
+    compiled = in_mode(model, mode)
+    calls = {"compiled": 0, "reference": 0}
+
+    def add_hook(each, name):
+        if hook == "register_hook":
+            return each[0].weight.register_hook(lambda grad: grad * 0)
+        return each[0].weight.register_post_accumulate_grad_hook(lambda _: calls.__setitem__(name, calls[name] + 1))
+
+    handles = []
+    for step in range(6):
+        if step == 2:
+            handles = [add_hook(model, "compiled"), add_hook(reference, "reference")]
+        if step == 4:
+            for handle in handles:
+                handle.remove()
+        x = torch.randn(4, 6, device=device)
+        compiled(x).sum().backward()
+        reference(x).sum().backward()
+        assert_params_close(model.parameters(), reference.parameters())
+        assert model[0].weight.grad is None and model[2].weight.grad is None
+    if hook == "register_post_accumulate_grad_hook":
+        assert calls == {"compiled": 2, "reference": 2}  # steps 2 and 3
+
+
 @pytest.fixture
 def no_donated_buffers():
     """Inductor lets a compiled backward reuse saved activations' memory ("donated
