@@ -116,6 +116,29 @@ def test_a_parameter_with_a_gradient_hook_steps_after_it_as_uncompiled(hook, mod
         assert calls == {"compiled": 2, "reference": 2}  # steps 2 and 3
 
 
+@pytest.mark.parametrize("mode", COMPILED)
+def test_micro_batches_summed_inside_one_compiled_call_step_once_on_the_summed_gradient(mode, device):
+    """The README's way to accumulate gradient: one compiled function runs the micro-batches
+    and sums their losses, so each parameter steps once, on the sum, as eager AdamW does
+    after one backward of the summed loss."""
+    model = mlp(device)
+    reference = deepcopy(model)
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
+
+    def accumulate(micro_batches):
+        return sum(model(batch).pow(2).mean() for batch in micro_batches)
+
+    step = in_mode(accumulate, mode)
+    for _ in range(3):
+        micro_batches = list(torch.randn(3, 4, 6, device=device))
+        step(micro_batches).backward()
+        sum(reference(batch).pow(2).mean() for batch in micro_batches).backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
+
+
 @pytest.fixture
 def no_donated_buffers():
     """Inductor lets a compiled backward reuse saved activations' memory ("donated
