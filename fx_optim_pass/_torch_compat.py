@@ -41,6 +41,7 @@ __all__ = [
     "input_index",
     "is_tangent",
     "is_view_op",
+    "list_hook_for_torch",
     "may_recompute_in_backward",
     "needs_barrier_before_store",
     "normalize_gm",
@@ -61,6 +62,7 @@ __all__ = [
     "tensor_layout_check",
     "trace_functional",
     "translate_backward_errors",
+    "unlist_hook_for_torch",
     "will_accumulate_in_this_backward",
     "will_run_in_this_backward",
 ]
@@ -883,9 +885,34 @@ def _torch_hook_map() -> Any:
 
 
 def hooked_by_torch(param: torch.Tensor) -> bool:
-    """Whether PyTorch's ``_apply_optimizer_in_backward`` registered a hook for ``param``."""
+    """Whether ``param``'s in-backward hook is listed in PyTorch's map: PyTorch's
+    ``_apply_optimizer_in_backward`` registered it, or ``list_hook_for_torch`` listed ours."""
     hook_map = _torch_hook_map()
     return hook_map is not None and param in hook_map
+
+
+def list_hook_for_torch(param: torch.Tensor, handle: Any) -> None:
+    """List the handle of our in-backward hook on ``param`` where PyTorch lists its own:
+    DistributedDataParallel removes the hooks listed there and steps the parameter's
+    ``_in_backward_optimizers`` itself, after its gradient's all-reduce."""
+    hook_map = _torch_hook_map()
+    if hook_map is None:
+        return
+    if param not in hook_map:
+        hook_map[param] = []
+    hook_map[param].append(handle)
+
+
+def unlist_hook_for_torch(param: torch.Tensor, handle: Any) -> None:
+    """Undo ``list_hook_for_torch``."""
+    hook_map = _torch_hook_map()
+    if hook_map is None or param not in hook_map:
+        return
+    others = [listed for listed in hook_map[param] if listed is not handle]
+    if others:
+        hook_map[param] = others
+    else:
+        del hook_map[param]
 
 
 def retains_graph() -> bool:

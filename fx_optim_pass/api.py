@@ -129,7 +129,10 @@ def _add_optimizer(
     # state alive after the user dropped them.
     if not register_hook or param in _hook_handles:
         return
-    _hook_handles[param] = _register_post_accumulate_grad_hook(param, own_hook(_step_in_backward))
+    handle = _hook_handles[param] = _register_post_accumulate_grad_hook(param, own_hook(_step_in_backward))
+    # DistributedDataParallel steps in-backward optimizers itself, after each all-reduce,
+    # once it has removed the hooks PyTorch's map lists: ours must be among them.
+    _torch_compat.list_hook_for_torch(param, handle)
 
 
 def _register_post_accumulate_grad_hook(param: torch.Tensor, hook: Any) -> RemovableHandle:
@@ -204,6 +207,7 @@ def detach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
                 handle = _hook_handles.pop(param)
                 if handle is not None:
                     handle.remove()
+                    _torch_compat.unlist_hook_for_torch(param, handle)
     return optimizer
 
 

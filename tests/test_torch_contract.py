@@ -8,6 +8,7 @@ from copy import deepcopy
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import _get_in_backward_optimizers
 
@@ -152,3 +153,37 @@ def test_torchs_apply_is_picked_up_by_the_backend(device):
     before = snapshot(model.parameters())
     model(inp).sum().backward()  # torch's eager hook still works uncompiled
     assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_eager_ddp_steps_after_the_all_reduce_as_with_torchs_function(device):
+    """DistributedDataParallel runs in-backward optimizers itself (its
+    ``_setup_in_backward_optimizers``): it removes the hooks PyTorch's map lists and steps
+    ``_in_backward_optimizers`` after each gradient's all-reduce. Ours are listed there too,
+    so none steps before the all-reduce, on this rank's own gradient. DDP does this on GPUs
+    only (on CPU its end-of-backward callback asks for an accelerator, with PyTorch's
+    function as with ours): there, steps match eager SGD; on CPU, DDP removed our hooks."""
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+        reference = deepcopy(model)
+        reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+        fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+        assert all(p._post_accumulate_grad_hooks for p in model.parameters())
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None)
+        x = torch.randn(4, 6, device=device)
+        loss = ddp(x).sum()  # DDP sets up its in-backward stepping at the first forward
+        assert not any(p._post_accumulate_grad_hooks for p in model.parameters())  # DDP steps them now
+        if device == "cpu":
+            return
+        for step in range(3):
+            if step:
+                x = torch.randn(4, 6, device=device)
+                loss = ddp(x).sum()
+            loss.backward()
+            reference(x).sum().backward()
+            reference_opt.step()
+            reference_opt.zero_grad()
+            assert_params_close(model.parameters(), reference.parameters())
+    finally:
+        dist.destroy_process_group()
