@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch._inductor import config as inductor_config
+from torch.utils.checkpoint import checkpoint
 
 import fx_optim_pass as fop
 from fx_optim_pass.dynamo_backend import _compiled_backward_node
@@ -241,3 +242,26 @@ def test_torch_compile_defaults_without_fullgraph(backend, device):
     )
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+class _CheckpointedBlocks(nn.Module):
+    """Residual MLP blocks, each under non-reentrant activation checkpointing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+@pytest.mark.parametrize("mode", ["aot_eager", "inductor"])
+def test_activation_checkpointing_inside_the_compiled_model(mode, device):
+    """The other memory saver users combine with this one: the checkpointed blocks are
+    recomputed in the backward, and each update still comes after its gradient."""
+    torch.manual_seed(0)
+    model = _CheckpointedBlocks().to(device)
+    inputs = [torch.randn(4, 8, device=device) for _ in range(STEPS)]
+    train_side_by_side(model, torch.optim.AdamW, {"lr": 0.01}, mode, inputs)
