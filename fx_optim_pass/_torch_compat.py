@@ -29,6 +29,7 @@ __all__ = [
     "MUST_BE_IN_BACKWARD",
     "MUST_BE_IN_FORWARD",
     "CustomGraphPass",
+    "accumulates_into_leaves",
     "all_reduce_ops",
     "barrier_before_inplace_stores_in_reductions",
     "compile_aot_eager",
@@ -941,6 +942,18 @@ def tensor_layout_check(tensors: Sequence[torch.Tensor]) -> Callable[..., bool]:
 def will_run_in_this_backward(node: Any) -> bool:
     """Inside a backward hook: whether the running backward will execute ``node``."""
     return bool(torch._C._will_engine_execute_node(node))
+
+
+def accumulates_into_leaves(anchor_node: Any) -> bool:
+    """Inside a backward hook of a node with an edge to ``anchor_node`` (a leaf's
+    AccumulateGrad node): whether the running backward accumulates into the leaves it
+    reaches (``backward()``), not only computes the gradients of given inputs
+    (``torch.autograd.grad``, ``backward(inputs=...)``), which runs no AccumulateGrad node
+    off the paths to them."""
+    try:
+        return will_run_in_this_backward(anchor_node)
+    except RuntimeError:  # autograd.grad() with this leaf among its inputs: PyTorch does not say
+        return False
 
 
 def will_accumulate_in_this_backward(param: torch.Tensor) -> bool:

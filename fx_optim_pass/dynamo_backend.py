@@ -291,8 +291,10 @@ class PartialGradientError(RuntimeError):
 
 
 # A leaf that requires grad, passed to every compiled call that updates parameters (they
-# go in detached); the graph never reads it, so it never gets a gradient.
+# go in detached); the graph never reads it, so it never gets a gradient. Its AccumulateGrad
+# node, held, tells a backward that accumulates into leaves from one restricted to inputs.
 _GRAD_ANCHOR = torch.zeros((), requires_grad=True)
+_GRAD_ANCHOR_NODE = torch.autograd.graph.get_gradient_edge(_GRAD_ANCHOR).node
 
 _ParameterWatch = tuple[dict[int, str], list[weakref.ref[torch.Tensor]]]
 """Updated parameters' names by id, and the parameters, weakly (``_watch_parameters``)."""
@@ -378,6 +380,14 @@ def _guard_backward(
                 "they were not updated. Compute higher-order gradients without in-backward optimizers "
                 "(fx_optim_pass.detach, or register_hook=False), or call backward() without create_graph."
             )
+        if not _torch_compat.accumulates_into_leaves(_GRAD_ANCHOR_NODE):
+            raise RestrictedBackwardError(
+                f"torch.autograd.grad() or backward(inputs=...) reached a compiled graph that updates {len(names)} "
+                f"parameter(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) in its backward: it would "
+                "update them, where PyTorch's in-backward hooks do not run for such a backward. Nothing was updated. "
+                "For input gradients (adversarial examples, saliency), run that forward eagerly or through a model "
+                "compiled with another backend (torch.compile(model)), and call plain backward() to train."
+            )
         _refuse_partial_gradients()
         retains_graph = _torch_compat.retains_graph()
         if entry in _pending_calls and not retains_graph:
@@ -397,6 +407,10 @@ def _guard_backward(
 
     node.register_prehook(check)
     node.register_hook(after_backward)
+
+
+class RestrictedBackwardError(RuntimeError):
+    """``torch.autograd.grad`` or ``backward(inputs=...)`` through a graph that updates parameters."""
 
 
 class SecondBackwardError(RuntimeError):

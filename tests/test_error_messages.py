@@ -164,6 +164,27 @@ def eager_term_on_an_updated_parameter(device: str) -> Failing:
     return model, loss.backward
 
 
+def input_gradient_through_the_compiled_model(device: str) -> Failing:
+    model = in_backward(torch.optim.AdamW, device)
+    step = compiled(model)
+    step(torch.randn(3, 4, device=device)).sum().backward()
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    loss = step(x).sum()
+    return model, lambda: torch.autograd.grad(loss, x)
+
+
+def state_dict_of_another_model(device: str) -> Failing:
+    model = in_backward(torch.optim.AdamW, device)
+    step = compiled(model)
+    step(torch.randn(3, 4, device=device)).sum().backward()
+    other = nn.Linear(5, model[0].out_features).to(device)
+    other_optimizer = torch.optim.AdamW([other.weight])
+    other(torch.randn(3, 5, device=device)).sum().backward()
+    other_optimizer.step()
+    fop.get_in_backward_optimizers(model)[0].load_state_dict(other_optimizer.state_dict())
+    return model, lambda: step(torch.randn(3, 4, device=device)).sum().backward()
+
+
 def unknown_compiler(device: str) -> Failing:
     return mlp(device), lambda: fop.make_backend(compiler="tvm")  # type: ignore[arg-type]
 
@@ -211,6 +232,8 @@ CASES = [
     Case(create_graph, fop.DoubleBackwardError, r"0\.weight", "without create_graph"),
     Case(two_compiled_calls_in_one_loss, fop.PartialGradientError, r"0\.weight", "backward() once per forward"),
     Case(eager_term_on_an_updated_parameter, fop.PartialGradientError, r"0\.weight", "inside the compiled function"),
+    Case(input_gradient_through_the_compiled_model, fop.RestrictedBackwardError, r"0\.weight", "plain backward()"),
+    Case(state_dict_of_another_model, fop.OptimizerStateError, r"'exp_avg' of parameter '0\.weight'", "state_dict()"),
     Case(unknown_compiler, ValueError, "'tvm'", "'inductor' or 'aot_eager'"),
     Case(sharding_without_process_group, ValueError, "shard_optimizer_state", "pass process_group="),
     Case(inspect_without_optimizers, fop.InspectError, "no in-backward optimizers", "optimizer=torch.optim.AdamW"),

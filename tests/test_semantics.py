@@ -139,6 +139,29 @@ def test_micro_batches_summed_inside_one_compiled_call_step_once_on_the_summed_g
         assert_params_close(model.parameters(), reference.parameters())
 
 
+@pytest.mark.parametrize("call", ["torch.autograd.grad", "backward(inputs=...)"])
+@pytest.mark.parametrize("mode", COMPILED)
+def test_a_backward_restricted_to_inputs_is_refused_before_any_update(call, mode, device):
+    """The gradient of the input alone (adversarial examples, saliency maps) runs the
+    compiled backward without accumulating into the parameters, and PyTorch's in-backward
+    hooks do not run for it: the compiled update did, moving every parameter."""
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+    compiled = in_mode(model, mode)
+    compiled(torch.randn(4, 6, device=device)).sum().backward()  # a training step, compiled
+    before = snapshot(model.parameters())
+    x = torch.randn(4, 6, device=device, requires_grad=True)
+    loss = compiled(x).sum()
+    with pytest.raises(fop.RestrictedBackwardError, match=r"updates 4 parameter\(s\) \(0\.weight.*Nothing was updated"):
+        if call == "torch.autograd.grad":
+            torch.autograd.grad(loss, x)
+        else:
+            loss.backward(inputs=[x])
+    assert_params_close(model.parameters(), before)
+    compiled(torch.randn(4, 6, device=device)).sum().backward()  # training goes on
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 @pytest.fixture
 def no_donated_buffers():
     """Inductor lets a compiled backward reuse saved activations' memory ("donated
