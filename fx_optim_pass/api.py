@@ -1,8 +1,8 @@
 """The drop-in for ``torch.distributed.optim._apply_optimizer_in_backward``.
 
 Same signature, same attributes on each parameter (``_in_backward_optimizers``,
-``_optimizer_classes``, ``_optimizer_kwargs``), same eager behaviour: a hook on the
-parameter's AccumulateGrad node steps its optimizers and drops the gradient.
+``_optimizer_classes``, ``_optimizer_kwargs``), same eager behaviour: once the
+gradient is accumulated, a hook steps the parameter's optimizers and drops the gradient.
 Compiled with the ``fx_optim`` backend, the same optimizers step inside the graph.
 """
 
@@ -78,7 +78,7 @@ def apply_optimizer_in_backward(
 ) -> None:
     """Give each parameter its own ``optimizer_class`` optimizer, stepped during backward.
 
-    Uncompiled, an AccumulateGrad hook steps the parameter's optimizers as soon as
+    Uncompiled, a post-accumulate-grad hook steps the parameter's optimizers as soon as
     its gradient is ready, then sets ``p.grad = None`` (PyTorch's behaviour).
     Under ``torch.compile(model, backend="fx_optim")`` the same optimizers step
     inside the compiled backward and ``p.grad`` is never materialized.
