@@ -669,8 +669,11 @@ class _LastCall:
         self.group_readers = [group_reader for group_reader, _ in readers]
         self.attribute_readers = [attribute_reader for _, attribute_reader in readers]
         self.settings = self._settings(optimizers, groups)
-        self.tensor_lrs = [isinstance(group["lr"], torch.Tensor) for group in groups]
+        self.lr_types = [type(group["lr"]) for group in groups]
         self.lr_sharing = lr_sharing
+        # Every lr one float, shared (an lr scheduler on identical optimizers): then
+        # equal values alone (``list.count``, in C) say the sharing holds.
+        self.one_float_lr = bool(groups) and set(self.lr_types) == {float} and set(lr_sharing) == {0}
         self.key = key
         self.template = template
 
@@ -712,11 +715,14 @@ class _LastCall:
         except (KeyError, RuntimeError):  # a setting gone; a tensor setting compared by value
             return None
         lrs = [group["lr"] for group in groups]
-        if [isinstance(lr, torch.Tensor) for lr in lrs] != self.tensor_lrs:
+        if list(map(type, lrs)) != self.lr_types:  # a float lr that became a tensor, say
             return None
-        lr_sharing, distinct_lrs = _lr_sharing(lrs)
-        if lr_sharing != self.lr_sharing:
-            return None
+        if self.one_float_lr and lrs.count(lrs[0]) == len(lrs):
+            distinct_lrs = lrs[:1]
+        else:
+            lr_sharing, distinct_lrs = _lr_sharing(lrs)
+            if lr_sharing != self.lr_sharing:
+                return None
         return self.key, _fill_lrs(self.template, distinct_lrs)
 
 
