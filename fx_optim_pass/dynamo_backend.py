@@ -658,7 +658,7 @@ class _LastCall:
     ) -> None:
         self.generation = setup_generation()
         self.grad_positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        self.list_lengths = self._list_lengths(args)
+        self.attachment_counts = self._attachment_counts(args)
         self.positions = [index for index, _, _, _ in pairs]
         self.names = [names[index] for index in self.positions]  # for errors
         self.places = [place for _, _, _, place in pairs]
@@ -677,7 +677,7 @@ class _LastCall:
         self.key = key
         self.template = template
 
-    def _list_lengths(self, args: Sequence[Any]) -> list[tuple[int, int, int]]:
+    def _attachment_counts(self, args: Sequence[Any]) -> list[tuple[int, int, int]]:
         # Per parameter: its in-backward optimizers, and its gradient hooks (a user's
         # takes it out of the graph's updates: ``has_gradient_hooks``).
         return [
@@ -700,7 +700,7 @@ class _LastCall:
 
     def reuse(self, args: Sequence[Any]) -> tuple[tuple[Any, ...], list[float]] | None:
         """This call's key and floats, if it reads what the last call read but the lr values."""
-        if setup_generation() != self.generation or self._list_lengths(args) != self.list_lengths:
+        if setup_generation() != self.generation or self._attachment_counts(args) != self.attachment_counts:
             return None
         params = [args[i] for i in self.positions]
         if list(map(id, params)) != self.param_ids:
