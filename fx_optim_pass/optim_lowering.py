@@ -91,8 +91,19 @@ def _region(value: float) -> tuple[int, ...]:
     return tuple((value > mark) - (value < mark) for mark in _LANDMARKS)
 
 
-def runtime_hyperparameters(group: dict[str, Any]) -> tuple[Hyperparameter, ...]:
-    """The floats of ``group`` read at run time, in a fixed order."""
+def _compiles_floats_in(param: torch.Tensor) -> bool:
+    """Whether ``param``'s update takes its float hyperparameters (all but ``lr``) as constants
+    of the graph rather than run-time floats: for float64 parameters, since Inductor hands
+    run-time floats to its kernels as 32-bit floats (``const float``), which moved a float64
+    RMSprop update by 4.2e-7 in 5 steps, while a constant is written out with every digit.
+    Changing such a value compiles a new variant of the step."""
+    return param.dtype == torch.float64
+
+
+def runtime_hyperparameters(group: dict[str, Any], param: torch.Tensor) -> tuple[Hyperparameter, ...]:
+    """The floats of ``group`` that ``param``'s update reads at run time, in a fixed order."""
+    if _compiles_floats_in(param):
+        return ()
     found: list[Hyperparameter] = []
     for key in sorted(k for k in group if k not in _IGNORED_GROUP_KEYS):
         value = group[key]
@@ -103,12 +114,12 @@ def runtime_hyperparameters(group: dict[str, Any]) -> tuple[Hyperparameter, ...]
     return tuple(found)
 
 
-def _setup_value(value: Any) -> Any:
-    if _is_runtime_float(value):
+def _setup_value(value: Any, floats_compiled_in: bool) -> Any:
+    if _is_runtime_float(value) and not floats_compiled_in:
         return ("run-time float", _region(value))
     if isinstance(value, tuple):
-        return tuple(_setup_value(item) for item in value)
-    return repr(value)
+        return tuple(_setup_value(item, floats_compiled_in) for item in value)
+    return repr(value)  # a float's repr reads back as the same float
 
 
 _UNTRACEABLE = {
@@ -428,7 +439,7 @@ def run_time_floats(
         if len(_floats_of_setup) > 4096:
             _floats_of_setup.clear()
         lr = () if takes_tensor_lr(group, param) else (LR,)
-        read = _floats_of_setup[setup] = (*lr, *runtime_hyperparameters(group))
+        read = _floats_of_setup[setup] = (*lr, *runtime_hyperparameters(group, param))
     return setup, [(h.name, h.read(group)) for h in read]
 
 
@@ -478,7 +489,8 @@ def _is_public_attribute(name: str) -> bool:
 def _compiled_setup(
     optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor
 ) -> tuple[tuple[str, Any], ...]:
-    setup = [(k, _setup_value(v)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS]
+    floats_compiled_in = _compiles_floats_in(param)
+    setup = [(k, _setup_value(v, floats_compiled_in)) for k, v in group.items() if k not in _IGNORED_GROUP_KEYS]
     setup.append(("lr", "tensor" if takes_tensor_lr(group, param) else "run-time float"))
     # A user's optimizer may read its own attributes in step() (self.scale): traced, they
     # are constants of the graph, so they are part of its setup too.
@@ -623,7 +635,7 @@ def _description_key(
     key = (
         type(optimizer),
         compiled_setup(optimizer, param, param_name),
-        runtime_hyperparameters(group),
+        runtime_hyperparameters(group, param),
         (tuple(param.shape), param.stride(), param.dtype, param.device, shard_numel),
         (lr.dtype, lr.device, tuple(lr.shape)) if isinstance(lr, torch.Tensor) else None,
     )
@@ -649,7 +661,7 @@ def _describe_step(
             fake_param = torch.empty(shard_numel, dtype=param.dtype, device=param.device)
     init_shadow = _shadow_optimizer(optimizer, param, _TRACE_FLAG_CHOICES[0])
     init_shadow.param_groups[0]["params"] = [fake_param]
-    runtime = runtime_hyperparameters(group)
+    runtime = runtime_hyperparameters(group, param)
     with fake_mode:
         initialize_state(init_shadow, fake_param)
         lr = group["lr"]

@@ -1,4 +1,5 @@
-"""Float hyperparameters are read at every step; structural flags recompile.
+"""Float hyperparameters are read at every step (compiled in for float64 parameters);
+structural flags recompile.
 
 Schedulers (OneCycleLR cycles betas or momentum as well as lr, ReduceLROnPlateau)
 and hand edits of ``param_groups`` take effect on the next step with no new graph.
@@ -131,6 +132,25 @@ def test_structural_flag_change_recompiles(device):
                 optimizer.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
 
     assert train(model, opt, reference, ref_opt, "aot_eager", device, amsgrad_later) == 1
+
+
+def test_float64_hyperparameters_are_compiled_in_and_a_change_recompiles(device):
+    """A float64 update takes its floats as constants (run-time floats reach Inductor's kernels
+    as 32 bits; ``test_parity.py::test_float64_parameters_are_updated_with_exact_hyperparameters``):
+    a change of momentum compiles a new variant, with the new value."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the model and train()'s inputs
+    try:
+        model, reference = model_pair(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+
+        def slow_down(step, optimizer):
+            optimizer.param_groups[0]["momentum"] = 0.8 if step >= STEPS // 2 else 0.9
+
+        assert train(model, opt, reference, ref_opt, "aot_eager", device, slow_down) == 1
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class ScaledSGD(torch.optim.Optimizer):
