@@ -11,6 +11,7 @@ from fx_optim_pass.api import apply_optimizer_in_backward, attach, detach, get_i
 from fx_optim_pass.data_parallel import data_parallel
 from fx_optim_pass.distributed import CollectiveError, DataParallelSetupError
 from fx_optim_pass.dynamo_backend import (
+    CompiledAutogradError,
     DoubleBackwardError,
     OptimizerStateError,
     PartialGradientError,
@@ -25,6 +26,7 @@ from fx_optim_pass.report import InspectError, Report, inspect
 
 __all__ = [
     "CollectiveError",
+    "CompiledAutogradError",
     "DataParallelSetupError",
     "DoubleBackwardError",
     "InspectError",

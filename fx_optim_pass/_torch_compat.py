@@ -52,6 +52,7 @@ __all__ = [
     "process_group_store",
     "process_group_timeout",
     "qualified_name_from_source",
+    "refuse_compiled_autograd",
     "resolve_group_name",
     "retains_graph",
     "run_and_get_code",
@@ -993,6 +994,31 @@ def translate_backward_errors(node: Any, translate: Callable[[Exception], Except
 
     function_class._fx_optim_pass_translate = translate
     function_class.backward = staticmethod(translated_backward)
+
+
+def refuse_compiled_autograd(node: Any, error: Callable[[], Exception]) -> None:
+    """Make compiled autograd (``torch._dynamo.compiled_autograd``) raise ``error()`` when a
+    backward reaches ``node``, a backward node of AOTAutograd's ``CompiledFunction``.
+
+    Compiled autograd asks each ``autograd.Function`` node for its ``_compiled_autograd_key``
+    while it collects the graph, before any node runs; nothing else asks. AOTAutograd's key
+    holds the symbols the forward saved for the backward, and ours hold floats (the run-time
+    hyperparameters), where PyTorch's engine wants integers: without this, a bare
+    ``TypeError: an integer is required``. Done once per class, as ``translate_backward_errors``.
+    """
+    function_class = getattr(type(node), "_forward_cls", None)
+    if (
+        function_class is None
+        or not hasattr(function_class, "_compiled_autograd_key")
+        or "_fx_optim_pass_refuses_compiled_autograd" in function_class.__dict__
+    ):
+        return
+
+    def refuse(ctx: Any) -> Any:
+        raise error()
+
+    function_class._fx_optim_pass_refuses_compiled_autograd = True
+    function_class._compiled_autograd_key = staticmethod(refuse)
 
 
 def _accumulate_grad_node(param: torch.Tensor) -> Any:

@@ -147,6 +147,7 @@ def _register_post_accumulate_grad_hook(param: torch.Tensor, hook: Any) -> Remov
         param.requires_grad_(False)
 
 
+@torch.compiler.disable  # run from the backward, which Dynamo may be tracing around (dynamo_backend._outside_dynamo)
 def _step_in_backward(param: torch.Tensor) -> None:
     # Compiled backward updates in the graph and leaves no gradient here: stepping
     # again would be a second update (a no-op for torch.optim, but not necessarily

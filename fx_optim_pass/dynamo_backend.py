@@ -365,6 +365,7 @@ def _guard_backward(
     node = _compiled_backward_node(outputs)
     if node is None:
         return
+    _torch_compat.refuse_compiled_autograd(node, lambda: _compiled_autograd_error(names))
     _pending_calls[:] = [entry for entry in _pending_calls if entry[0]() is not None]
     entry = (weakref.ref(node), *watch)
     _pending_calls.append(entry)
@@ -405,12 +406,35 @@ def _guard_backward(
             _torch_compat.set_versions(written, [c + n - s for c, n, s in zip(counted_on, now, saved_versions)])
             counted_on.clear()
 
-    node.register_prehook(check)
-    node.register_hook(after_backward)
+    node.register_prehook(functools.partial(_outside_dynamo, check))
+    node.register_hook(functools.partial(_outside_dynamo, after_backward))
+
+
+@torch.compiler.disable
+def _outside_dynamo(hook: Callable[..., None], *args: Any) -> None:
+    """Run ``hook``, one of ours that the backward runs, and what it calls, without Dynamo.
+
+    A training step compiled whole (``model(x).sum().backward()`` inside a compiled function)
+    breaks the graph at ``backward()`` and runs it with Dynamo's frame callback still set:
+    Dynamo then compiled our hooks, and failed inside them, on the first step."""
+    hook(*args)
 
 
 class RestrictedBackwardError(RuntimeError):
     """``torch.autograd.grad`` or ``backward(inputs=...)`` through a graph that updates parameters."""
+
+
+class CompiledAutogradError(RuntimeError):
+    """A backward under compiled autograd through a graph that updates parameters."""
+
+
+def _compiled_autograd_error(names: Sequence[str]) -> CompiledAutogradError:
+    return CompiledAutogradError(
+        f"compiled autograd (torch._dynamo.compiled_autograd) reached a compiled graph that updates {len(names)} "
+        f"parameter(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) in its backward, which it cannot "
+        "trace. Nothing was updated. Run this backward without compiled autograd: its backward, the update "
+        "included, is compiled already."
+    )
 
 
 class SecondBackwardError(RuntimeError):
@@ -502,6 +526,7 @@ def _eager_contribution_error(names: Sequence[str]) -> PartialGradientError:
     )
 
 
+@torch.compiler.disable  # as _outside_dynamo
 def _refuse_eager_gradient(param_id: int, _grad: torch.Tensor) -> None:
     """A tensor hook of each updated parameter: refuse the gradient that eager code sends
     it while a compiled call that updates it is still to run in the same backward."""

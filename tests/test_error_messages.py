@@ -173,6 +173,20 @@ def input_gradient_through_the_compiled_model(device: str) -> Failing:
     return model, lambda: torch.autograd.grad(loss, x)
 
 
+def backward_under_compiled_autograd(device: str) -> Failing:
+    """Before, PyTorch's engine failed with a bare ``TypeError: an integer is required``."""
+    model = in_backward(torch.optim.AdamW, device)
+    step = compiled(model)
+    step(torch.randn(3, 4, device=device)).sum().backward()  # a training step without it
+    loss = step(torch.randn(3, 4, device=device)).sum()
+
+    def under_compiled_autograd() -> None:
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            loss.backward()
+
+    return model, under_compiled_autograd
+
+
 def state_dict_of_another_model(device: str) -> Failing:
     model = in_backward(torch.optim.AdamW, device)
     step = compiled(model)
@@ -233,6 +247,7 @@ CASES = [
     Case(two_compiled_calls_in_one_loss, fop.PartialGradientError, r"0\.weight", "backward() once per forward"),
     Case(eager_term_on_an_updated_parameter, fop.PartialGradientError, r"0\.weight", "inside the compiled function"),
     Case(input_gradient_through_the_compiled_model, fop.RestrictedBackwardError, r"0\.weight", "plain backward()"),
+    Case(backward_under_compiled_autograd, fop.CompiledAutogradError, r"0\.weight", "without compiled autograd"),
     Case(state_dict_of_another_model, fop.OptimizerStateError, r"'exp_avg' of parameter '0\.weight'", "state_dict()"),
     Case(unknown_compiler, ValueError, "'tvm'", "'inductor' or 'aot_eager'"),
     Case(sharding_without_process_group, ValueError, "shard_optimizer_state", "pass process_group="),

@@ -44,6 +44,48 @@ def test_forward_under_inference_mode_updates_nothing(mode, device):
 
 
 @pytest.mark.parametrize("mode", COMPILED)
+def test_a_training_step_compiled_whole_with_backward_inside_matches_eager(mode, device):
+    """``@torch.compile def train_step(x): model(x).sum().backward()``: Dynamo breaks the graph
+    at ``backward()`` and still runs the backward with its frame callback set, so it compiled
+    the checks our backward node runs as hooks, and failed inside them (AttributeError from
+    Dynamo, on the first step). A graph break is what this test is about, so no fullgraph."""
+    model = mlp(device)
+    reference = deepcopy(model)
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
+    backend = fop.make_backend(compiler=mode)
+
+    @torch.compile(backend=backend)
+    def train_step(x):
+        model(x).pow(2).mean().backward()
+
+    for _ in range(3):
+        x = torch.randn(4, 6, device=device)
+        train_step(x)
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
+        assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+def test_compiled_autograd_is_refused_before_any_update(mode, device):
+    """Compiled autograd cannot take our compiled backward (it holds run-time floats where
+    PyTorch's engine wants integers); it failed with a bare TypeError."""
+    model = mlp(device)
+    fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1, "momentum": 0.9})
+    compiled = in_mode(model, mode)
+    compiled(torch.randn(4, 6, device=device)).sum().backward()
+    before = snapshot(model.parameters())
+    loss = compiled(torch.randn(4, 6, device=device)).sum()
+    with pytest.raises(fop.CompiledAutogradError, match=r"updates 4 parameter\(s\) \(0\.weight.*Nothing was updated"):
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            loss.backward()
+    assert_params_close(model.parameters(), before)
+
+
+@pytest.mark.parametrize("mode", COMPILED)
 def test_create_graph_gets_our_error_before_any_parameter_changes(mode, device):
     model = mlp(device)
     fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
