@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple
@@ -155,6 +156,8 @@ def _compile(
             variant = variants.get(key)
         if variant is None:
             variant = variants[key] = compile_for(args, floats)
+            if len(variants) == _MANY_VARIANTS:
+                warnings.warn(_MANY_VARIANTS_WARNING, stacklevel=2)
         outputs = variant(args, floats)
         if isinstance(outputs, OtherStateLayout):
             # The optimizer state is not of the dtypes, devices or strides the variant was
@@ -172,6 +175,18 @@ def _compile(
         return _compile_variant(fresh, args, build_plan(fresh, args, group), floats, compiler, observe)
 
     return run_compiled_step
+
+
+# Variants of one Dynamo graph compiled outside Dynamo, so past its recompile limit; this
+# many say a setting is changing step after step (Dynamo's own limit is 8 too).
+_MANY_VARIANTS = 8
+_MANY_VARIANTS_WARNING = (
+    f"fx_optim_pass compiled {_MANY_VARIANTS} variants of one graph: the step compiles anew for each new setup of "
+    "its in-backward optimizers (a hyperparameter value of a float64 parameter, which is compiled in; a float "
+    "crossing 0, 0.5, 1, 1.5 or 2; a flag such as amsgrad; another model instance sharing this graph). If a "
+    "schedule changes such a value at every step (momentum cycling on float64 parameters), keep it fixed or "
+    "train in float32, where every float hyperparameter is read at run time."
+)
 
 
 class OtherStateLayout(NamedTuple):

@@ -153,6 +153,26 @@ def test_float64_hyperparameters_are_compiled_in_and_a_change_recompiles(device)
         torch.set_default_dtype(previous)
 
 
+def test_a_setting_that_keeps_compiling_anew_is_warned_about(device):
+    """Momentum cycling on float64 parameters compiles a variant per step (each value is
+    compiled in): the eighth variant of one graph says so, and why."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, reference = model_pair(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+
+        def cycle(step, optimizer):
+            optimizer.param_groups[0]["momentum"] = 0.9 - 0.01 * min(step, 9)  # 10 values
+
+        with pytest.warns(UserWarning, match=r"compiled 8 variants of one graph.*float64") as warned:
+            train(model, opt, reference, ref_opt, "aot_eager", device, cycle)
+        assert len([w for w in warned if "variants of one graph" in str(w.message)]) == 1  # once, not per step
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class ScaledSGD(torch.optim.Optimizer):
     """A user's optimizer whose step() reads an attribute of its own, not a param-group entry."""
 
