@@ -69,6 +69,31 @@ def test_a_training_step_compiled_whole_with_backward_inside_matches_eager(mode,
         assert all(p.grad is None for p in model.parameters())
 
 
+def test_eager_hooks_under_a_step_compiled_with_another_backend_step_uncompiled(device):
+    """The model compiled inside the step by another backend, so each parameter steps in our
+    post-accumulate-grad hook, from a backward Dynamo runs with its frame callback set: it
+    compiled ``optimizer.step()`` inside the hook as graphs of their own (4 more graphs for
+    this MLP, one per parameter shape and more on recompiles). It now runs as it does
+    uncompiled, as torch.optim's own step would."""
+    model = mlp(device)
+    reference = deepcopy(model)
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.01})
+
+    @torch.compile(backend="aot_eager")
+    def train_step(x):
+        model(x).pow(2).mean().backward()
+
+    for _ in range(3):
+        x = torch.randn(4, 6, device=device)
+        train_step(x)
+        reference(x).pow(2).mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        assert_params_close(model.parameters(), reference.parameters())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the forward's
+
+
 @pytest.mark.parametrize("mode", COMPILED)
 def test_compiled_autograd_is_refused_before_any_update(mode, device):
     """Compiled autograd cannot take our compiled backward (it holds run-time floats where
