@@ -52,6 +52,7 @@ __all__ = [
     "process_group_store",
     "process_group_timeout",
     "qualified_name_from_source",
+    "real_scalar_value",
     "refuse_compiled_autograd",
     "resolve_group_name",
     "retains_graph",
@@ -1098,6 +1099,15 @@ def run_on_fake(fn: Callable[..., Any], *fake_args: Any) -> Any:
     fake_mode = detect_fake_mode(fake_args)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         return fn(*fake_args)
+
+
+def real_scalar_value(tensor: torch.Tensor) -> bool | int | float:
+    """The number a real 0-d tensor holds, read also where a fake mode is active (inside
+    AOTAutograd's passes, where reading a real tensor would be refused)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return tensor.item()
 
 
 # DistributedDataParallel's own bucket size for its setup broadcast.

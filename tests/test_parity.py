@@ -152,6 +152,30 @@ def test_float64_parameters_are_updated_with_the_exact_lr(mode, device):
     assert all(p.dtype == torch.float64 for p in subject.parameters())
 
 
+class ConstantTensorSGD(torch.optim.Optimizer):
+    """Makes tensors from numbers in its step: traced, they are tensor constants of the update's
+    graph (torch 2.14 traces RMSprop's ``lerp_(grad, 1 - alpha)`` with a compiled-in ``alpha``
+    so). The joint graph did not have them: "references nonexistent attribute _tensor_constant1"."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    half, two = torch.tensor(0.5, device=p.device), torch.tensor([2.0], device=p.device)
+                    p.sub_(p.grad * group["lr"] * half * two)
+
+
+@pytest.mark.parametrize("mode", ["aot_eager", "inductor"])
+def test_own_optimizer_making_tensor_constants(mode, device):
+    torch.manual_seed(1)
+    inputs = [torch.randn(5, 6, device=device) for _ in range(STEPS)]
+    train_side_by_side(small_model(device), ConstantTensorSGD, {"lr": 0.05}, mode, inputs)
+
+
 FLOAT64_HYPERPARAMETERS = {
     "rmsprop": (torch.optim.RMSprop, {"lr": 0.01, "alpha": 0.99, "momentum": 0.9, "eps": 1e-7}),
     "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.optim import _get_in_backward_optimizers
+from torch.distributed.optim import _apply_optimizer_in_backward, _get_in_backward_optimizers
 
 import fx_optim_pass as fop
 from tests.helpers import MODES, assert_params_close, in_mode, snapshot
@@ -129,8 +129,6 @@ def test_ours_are_seen_by_torchs_get_in_backward_optimizers():
 
 def test_torchs_apply_is_picked_up_by_the_backend(device):
     """Parameters set up by PyTorch's own function are updated inside the compiled graph, once."""
-    from torch.distributed.optim import _apply_optimizer_in_backward
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2)).to(device)
     reference = deepcopy(model)
@@ -160,22 +158,30 @@ def test_eager_ddp_steps_after_the_all_reduce_as_with_torchs_function(device):
     ``_setup_in_backward_optimizers``): it removes the hooks PyTorch's map lists and steps
     ``_in_backward_optimizers`` after each gradient's all-reduce. Ours are listed there too,
     so none steps before the all-reduce, on this rank's own gradient. DDP does this on GPUs
-    only (on CPU its end-of-backward callback asks for an accelerator, with PyTorch's
-    function as with ours): there, steps match eager SGD; on CPU, DDP removed our hooks."""
+    only: there, steps match eager SGD. On CPU, as with PyTorch's function: torch 2.11 to
+    2.13 remove the hooks at the first forward (the end-of-backward callback then asks for an
+    accelerator), torch 2.14 fails at that forward creating a stream."""
     dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
         reference = deepcopy(model)
+        torch_setup = deepcopy(model)
         reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
         fop.apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
         assert all(p._post_accumulate_grad_hooks for p in model.parameters())
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None)
         x = torch.randn(4, 6, device=device)
+        if device == "cpu":
+            _apply_optimizer_in_backward(torch.optim.SGD, torch_setup.parameters(), {"lr": 0.1})
+            torchs = _first_ddp_forward_error(torch_setup, x)
+            ours = _first_ddp_forward_error(model, x)
+            assert (type(ours), str(ours)) == (type(torchs), str(torchs))
+            if ours is None:
+                assert not any(p._post_accumulate_grad_hooks for p in model.parameters())  # DDP steps them now
+            return
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[0])
         loss = ddp(x).sum()  # DDP sets up its in-backward stepping at the first forward
         assert not any(p._post_accumulate_grad_hooks for p in model.parameters())  # DDP steps them now
-        if device == "cpu":
-            return
         for step in range(3):
             if step:
                 x = torch.randn(4, 6, device=device)
@@ -187,3 +193,12 @@ def test_eager_ddp_steps_after_the_all_reduce_as_with_torchs_function(device):
             assert_params_close(model.parameters(), reference.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def _first_ddp_forward_error(model: nn.Module, x: torch.Tensor) -> Exception | None:
+    """What DDP's first forward of ``model`` raises on CPU, where it sets up in-backward stepping."""
+    try:
+        nn.parallel.DistributedDataParallel(model)(x)
+    except RuntimeError as error:
+        return error
+    return None

@@ -201,13 +201,16 @@ def _inline(
             new_values[slot_of[node.args[0]]] = env[node.args[1]]  # type: ignore[index]
             continue
         with graph.inserting_after(cursor):
-            new = graph.create_node(
-                node.op,
-                node.target,
-                fx.map_arg(node.args, env.__getitem__),
-                fx.map_arg(node.kwargs, env.__getitem__),
-                name=node_name,
-            )
+            if node.op == "get_attr":
+                new = _constant(graph, getattr(traced, node.target), node_name)  # type: ignore[arg-type]
+            else:
+                new = graph.create_node(
+                    node.op,
+                    node.target,
+                    fx.map_arg(node.args, env.__getitem__),
+                    fx.map_arg(node.kwargs, env.__getitem__),
+                    name=node_name,
+                )
         # Keep make_fx's meta (val, tensor_meta, and unbacked_bindings for a run-time
         # .item()), but not its stack trace, which points into torch.optim.
         new.meta = {k: v for k, v in node.meta.items() if k != "stack_trace"}
@@ -217,6 +220,25 @@ def _inline(
     returned = fx.map_arg(traced.graph.output_node().args[0], env.__getitem__)
     values = list(returned) if isinstance(returned, (list, tuple)) else [returned]
     return new_values, [v for v in values if isinstance(v, fx.Node)], cursor
+
+
+def _constant(graph: fx.Graph, value: torch.Tensor, name: str) -> fx.Node:
+    """A tensor constant of the traced update (torch 2.14 traces RMSprop's ``lerp_(grad, 1 -
+    alpha)`` with a compiled-in ``alpha`` as ``tensor(1 - alpha)``), as a node of ``graph``: the
+    traced module's attribute it reads is not the joint graph's. A 0-d one is computed, so
+    the compiler sees its value; another is set on the joint graph's module."""
+    if value.dim() == 0:
+        return graph.call_function(
+            torch.ops.aten.full.default,
+            ([], _torch_compat.real_scalar_value(value)),
+            {"dtype": value.dtype, "device": value.device},
+            name=name,
+        )
+    module = graph.owning_module
+    assert module is not None, "a tensor constant in an update outside a GraphModule: please report this bug"
+    attribute = f"_fx_optim_pass_constant_{len(graph.nodes)}"  # each call adds a node: never reused
+    module.register_buffer(attribute, value)
+    return graph.create_node("get_attr", attribute, name=name)
 
 
 def _write(
