@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint graphs bench bench-quick bench-dist clean
+.PHONY: demo test test-torch lint graphs bench bench-quick bench-dist clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
+
+# The suite on another supported torch, in a venv of its own: make test-torch TORCH=2.14.1.
+# PyPI's Linux wheel, CUDA libraries included (about 4 GB); the goldens are skipped off 2.13.
+TORCH ?= 2.11.0
+test-torch:
+	python3 -m venv .venv-torch$(TORCH)
+	.venv-torch$(TORCH)/bin/python -m pip install --quiet torch==$(TORCH)
+	.venv-torch$(TORCH)/bin/python -m pip install --quiet -e '.[dev]'
+	.venv-torch$(TORCH)/bin/python -m pytest -q
 
 # Every figure of benchmarks/README.md; results land in benchmarks/results/.
 # OMP_WAIT_POLICY=PASSIVE: on a machine shared with other processes, OpenMP threads that
@@ -43,4 +52,4 @@ graphs: $(STAMP)
 	EXPECTTEST_ACCEPT=1 $(PYTHON) -m pytest -q tests/test_golden_graphs.py
 
 clean:
-	rm -rf $(VENV) demo_out bench_dist_out
+	rm -rf $(VENV) .venv-torch* demo_out bench_dist_out

@@ -682,8 +682,10 @@ class _LastCall:
     ``_in_backward_optimizers``, or a gradient hook added or removed, which changes the
     length of its hook dicts. Another model instance served by the same graph passes other
     parameters (compared by ``id``: this holds no reference to them). Every optimizer and
-    its settings are read again at each call. Which inputs require grad, and each
-    parameter's dtype, are not read: Dynamo's guards on the frame's inputs fix them.
+    its settings are read again at each call, and which inputs require grad: Dynamo guards
+    on it from torch 2.13 on, but torch 2.11 ran a graph again for a parameter frozen since
+    (``requires_grad_(False)``), and the key reused then updated it. Each parameter's dtype
+    is not read: Dynamo's guards on the frame's inputs fix it.
     """
 
     def __init__(
@@ -697,7 +699,7 @@ class _LastCall:
         template: list[tuple[int | None, float]],
     ) -> None:
         self.generation = setup_generation()
-        self.grad_positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        self.grad_positions = _grad_positions(args)
         self.attachment_counts = self._attachment_counts(args)
         self.positions = [index for index, _, _, _ in pairs]
         self.names = [names[index] for index in self.positions]  # for errors
@@ -740,7 +742,11 @@ class _LastCall:
 
     def reuse(self, args: Sequence[Any]) -> tuple[tuple[Any, ...], list[float]] | None:
         """This call's key and floats, if it reads what the last call read but the lr values."""
-        if setup_generation() != self.generation or self._attachment_counts(args) != self.attachment_counts:
+        if (
+            setup_generation() != self.generation
+            or _grad_positions(args) != self.grad_positions
+            or self._attachment_counts(args) != self.attachment_counts
+        ):
             return None
         params = [args[i] for i in self.positions]
         if list(map(id, params)) != self.param_ids:
@@ -764,6 +770,10 @@ class _LastCall:
             if lr_sharing != self.lr_sharing:
                 return None
         return self.key, _fill_lrs(self.template, distinct_lrs)
+
+
+def _grad_positions(args: Sequence[Any]) -> list[int]:
+    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
 
 def _extra_input_names(plan: UpdatePlan) -> list[str]:
