@@ -177,7 +177,7 @@ def test_own_optimizer_making_tensor_constants(mode, device):
 
 
 FLOAT64_HYPERPARAMETERS = {
-    "rmsprop": (torch.optim.RMSprop, {"lr": 0.01, "alpha": 0.99, "momentum": 0.9, "eps": 1e-7}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 0.01, "alpha": 0.99, "momentum": 0.9, "eps": 1e-7, "centered": True}),
     "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
 }
 
