@@ -236,7 +236,10 @@ def _constant(graph: fx.Graph, value: torch.Tensor, name: str) -> fx.Node:
         )
     module = graph.owning_module
     assert module is not None, "a tensor constant in an update outside a GraphModule: please report this bug"
-    attribute = f"_fx_optim_pass_constant_{len(graph.nodes)}"  # each call adds a node: never reused
+    number = 0
+    while hasattr(module, f"_fx_optim_pass_constant_{number}"):
+        number += 1
+    attribute = f"_fx_optim_pass_constant_{number}"
     module.register_buffer(attribute, value)
     return graph.create_node("get_attr", attribute, name=name)
 
