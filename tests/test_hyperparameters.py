@@ -134,43 +134,42 @@ def test_structural_flag_change_recompiles(device):
     assert train(model, opt, reference, ref_opt, "aot_eager", device, amsgrad_later) == 1
 
 
-def test_float64_hyperparameters_are_compiled_in_and_a_change_recompiles(device):
-    """A float64 update takes its floats as constants (run-time floats reach Inductor's kernels
-    as 32 bits; ``test_parity.py::test_float64_parameters_are_updated_with_exact_hyperparameters``):
-    a change of momentum compiles a new variant, with the new value."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # the model and train()'s inputs
-    try:
-        model, reference = model_pair(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
-
-        def slow_down(step, optimizer):
-            optimizer.param_groups[0]["momentum"] = 0.8 if step >= STEPS // 2 else 0.9
-
-        assert train(model, opt, reference, ref_opt, "aot_eager", device, slow_down) == 1
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def test_a_setting_that_keeps_compiling_anew_is_warned_about(device):
-    """Momentum cycling on float64 parameters compiles a variant per step (each value is
-    compiled in): the eighth variant of one graph says so, and why."""
+@pytest.fixture
+def float64_sgd_pair(device):
+    """``model_pair`` in float64 (train()'s inputs too, made in the default dtype), each with
+    SGD and momentum."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         model, reference = model_pair(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
-
-        def cycle(step, optimizer):
-            optimizer.param_groups[0]["momentum"] = 0.9 - 0.01 * min(step, 9)  # 10 values
-
-        with pytest.warns(UserWarning, match=r"compiled 8 variants of one graph.*float64") as warned:
-            train(model, opt, reference, ref_opt, "aot_eager", device, cycle)
-        assert len([w for w in warned if "variants of one graph" in str(w.message)]) == 1  # once, not per step
+        yield model, opt, reference, ref_opt
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_float64_hyperparameters_are_compiled_in_and_a_change_recompiles(float64_sgd_pair, device):
+    """A float64 update takes its floats as constants (run-time floats reach Inductor's kernels
+    as 32 bits; ``test_parity.py::test_float64_parameters_are_updated_with_exact_hyperparameters``):
+    a change of momentum compiles a new variant, with the new value."""
+
+    def slow_down(step, optimizer):
+        optimizer.param_groups[0]["momentum"] = 0.8 if step >= STEPS // 2 else 0.9
+
+    assert train(*float64_sgd_pair, "aot_eager", device, slow_down) == 1
+
+
+def test_a_setting_that_keeps_compiling_anew_is_warned_about(float64_sgd_pair, device):
+    """Momentum cycling on float64 parameters compiles a variant per step (each value is
+    compiled in): the eighth variant of one graph says so, and why."""
+
+    def cycle(step, optimizer):
+        optimizer.param_groups[0]["momentum"] = 0.9 - 0.01 * min(step, 9)  # 10 values
+
+    with pytest.warns(UserWarning, match=r"compiled 8 variants of one graph.*float64") as warned:
+        train(*float64_sgd_pair, "aot_eager", device, cycle)
+    assert len([w for w in warned if "variants of one graph" in str(w.message)]) == 1  # once, not per step
 
 
 class ScaledSGD(torch.optim.Optimizer):
