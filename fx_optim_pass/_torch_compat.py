@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
@@ -486,6 +487,7 @@ def compile_inductor(
             stack.enter_context(barrier_before_inplace_stores_in_reductions())
             stack.enter_context(float_inputs_in_cache_keys())
             stack.enter_context(inplace_decisions_without_set_copies())
+            stack.enter_context(last_loops_without_barrier())
             if kwargs.get("is_backward") and hasattr(config, _FUSION_CHECKS):
                 stack.enter_context(config.patch({_FUSION_CHECKS: _FUSION_CHECKS_AMONG_UPDATES}))
             fake_mode = torch._guards.detect_fake_mode(inputs)
@@ -689,7 +691,7 @@ class _ChainedPass(CustomGraphPass):
 # ---------------------------------------------------------------- Inductor codegen fixes
 
 # Named in the cache key of every graph we compile (see ``_ChainedPass.uuid``).
-CODEGEN_FIXES = ("inplace-store-barrier-in-reductions", "max-pool-backward-lowered")
+CODEGEN_FIXES = ("inplace-store-barrier-in-reductions", "max-pool-backward-lowered", "last-omp-for-nowait")
 
 
 def needs_barrier_before_store(kernel: Any, name: str) -> bool:
@@ -732,6 +734,85 @@ def barrier_before_inplace_stores_in_reductions() -> Iterator[None]:
         return store
 
     with _patched_method(TritonKernel, "store", with_barrier):
+        yield
+
+
+def last_loop_of_each_region_nowait(source: str) -> str:
+    """``source``, a C++ kernel of Inductor's, with ``nowait`` on the ``#pragma omp for`` or
+    ``#pragma omp single`` that is the last statement of its ``#pragma omp parallel`` region.
+
+    Inductor runs a kernel's loop nests in one parallel region, each an ``omp for`` (or, too
+    small to share, an ``omp single``), which ends in a barrier; the region's end is one too.
+    After the last of them the first barrier waits for what the second waits for anyway, and
+    under ``OMP_WAIT_POLICY=PASSIVE`` each costs tens of microseconds on a 2-core machine (the
+    threads sleep and are woken). A loop followed by anything else in its region (a
+    reduction's merge of per-thread results) keeps its barrier, and so does all of a region
+    this does not parse.
+    """
+    lines = source.split("\n")
+    depths = list(itertools.accumulate(_brace_balance(line) for line in lines))  # depth after each line
+    for start, line in enumerate(lines):
+        if not line.strip().startswith("#pragma omp parallel") or start + 1 >= len(lines):
+            continue
+        if lines[start + 1].strip() != "{":
+            continue
+        end = _closing_line(depths, start + 1)
+        if end is None or lines[end - 1].strip() != "}":
+            continue
+        last = _opening_line(depths, end - 1)  # the region's last statement, a block
+        if last is None or lines[last].strip() != "{":
+            continue
+        if lines[last - 1].strip() == "#pragma omp single":  # `#pragma omp single` `{ ... }`
+            lines[last - 1] += " nowait"
+            continue
+        # `{` `#pragma omp for` `for(...)` `{ loop body }` `}`
+        if last + 3 < end and (
+            lines[last + 1].strip().startswith("#pragma omp for")
+            and "nowait" not in lines[last + 1]
+            and lines[last + 2].strip().startswith("for(")
+            and lines[last + 3].strip() == "{"
+            and _closing_line(depths, last + 3) == end - 2
+        ):
+            lines[last + 1] += " nowait"
+    return "\n".join(lines)
+
+
+def _brace_balance(line: str) -> int:
+    code = re.sub(r'"(?:\\.|[^"\\])*"', "", line).split("//")[0]  # no string literals or comments
+    return code.count("{") - code.count("}")
+
+
+def _closing_line(depths: Sequence[int], opening: int) -> int | None:
+    """The line that closes the block opened on line ``opening`` (``depths``: the brace
+    depth after each line)."""
+    outside = depths[opening] - 1
+    return next((i for i in range(opening + 1, len(depths)) if depths[i] == outside), None)
+
+
+def _opening_line(depths: Sequence[int], closing: int) -> int | None:
+    """The line that opens the block closed on line ``closing``: the last line before it
+    that starts at the depth the block ends at."""
+    outside = depths[closing]
+    return next((i for i in range(closing - 1, 0, -1) if depths[i - 1] == outside), None)
+
+
+@contextlib.contextmanager
+def last_loops_without_barrier() -> Iterator[None]:
+    """Within: Inductor's C++ kernels take no barrier after the last loop of a parallel
+    region (``last_loop_of_each_region_nowait``). Restored on exit."""
+    try:
+        from torch._inductor.codegen.cpp import CppScheduling
+    except ImportError:  # pragma: no cover - an Inductor without its C++ backend
+        yield
+        return
+
+    def with_nowait(original: Callable[..., Any]) -> Callable[..., Any]:
+        def define_kernel(self: Any, src_code: str, *args: Any, **kwargs: Any) -> Any:
+            return original(self, last_loop_of_each_region_nowait(src_code), *args, **kwargs)
+
+        return define_kernel
+
+    with _patched_method(CppScheduling, "define_kernel", with_nowait):
         yield
 
 

@@ -117,3 +117,96 @@ def test_compile_time_fixes_are_in_place_only_while_we_compile(monkeypatch):
     assert seen["extract"] is not extract and seen["extract"]._fx_optim_patch
     assert BaseSchedulerNode.__dict__["decide_inplace_update"] is spy
     assert partitioners._extract_graph_with_inputs_outputs is extract
+
+
+# The shape of Inductor's C++ kernels (torch 2.13): one parallel region, each loop nest a
+# braced block holding an `omp for` (or an `omp single` block); a parallel reduction merges
+# its per-thread results after its loop.
+TWO_LOOPS = """
+extern "C" void kernel(const float* in_ptr0, float* out_ptr0, float* out_ptr1)
+{
+    #pragma omp parallel
+    {
+        int tid = omp_get_thread_num();
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(1L))
+            {
+                TORCH_CHECK(x0 < 64L, "index out of bounds: {x0 < 64L");  // not a block: {
+                out_ptr0[x0] = in_ptr0[x0];
+            }
+        }
+        {
+            #pragma omp for collapse(2)
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(8L); x0+=static_cast<int64_t>(1L))
+            {
+                for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(8L); x1+=static_cast<int64_t>(1L))
+                {
+                    out_ptr1[x1 + 8L*x0] = out_ptr0[x1 + 8L*x0];
+                }
+            }
+        }
+    }
+}
+"""
+SINGLE_LAST = """
+    #pragma omp parallel
+    {
+        int tid = omp_get_thread_num();
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(1L))
+            {
+                out_ptr0[x0] = in_ptr0[x0];
+            }
+        }
+        #pragma omp single
+        {
+            {
+                out_ptr1[0] = out_ptr0[0];
+            }
+        }
+    }
+"""
+MERGE_LAST = """
+    #pragma omp parallel num_threads(2)
+    {
+        int tid = omp_get_thread_num();
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(1L))
+            {
+                tmp_acc0_arr[tid] = tmp_acc0_arr[tid] + in_ptr0[x0];
+            }
+            out_ptr0[0] = tmp_acc0_arr[0] + tmp_acc0_arr[1];
+        }
+    }
+"""
+
+
+def test_only_the_last_loop_of_a_region_loses_its_barrier():
+    nowait = compat.last_loop_of_each_region_nowait(TWO_LOOPS)
+    assert nowait == TWO_LOOPS.replace("#pragma omp for collapse(2)", "#pragma omp for collapse(2) nowait")
+    assert compat.last_loop_of_each_region_nowait(SINGLE_LAST) == SINGLE_LAST.replace(
+        "#pragma omp single", "#pragma omp single nowait"
+    )
+    # Two kernels' regions in one source: each region's last loop.
+    assert compat.last_loop_of_each_region_nowait(TWO_LOOPS + SINGLE_LAST).count("nowait") == 2
+    # The merge after the loop reads every thread's result: the loop keeps its barrier.
+    assert compat.last_loop_of_each_region_nowait(MERGE_LAST) == MERGE_LAST
+    assert compat.last_loop_of_each_region_nowait(nowait) == nowait  # never twice
+    assert "last-omp-for-nowait" in compat.CODEGEN_FIXES
+
+
+def test_kernels_we_compile_skip_the_barrier_stock_inductor_keeps():
+    def step(backend):
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+        fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 0.1})
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        return "\n".join(compat.run_and_get_code(lambda: compiled(torch.randn(64, 256)).sum().backward()))
+
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        ours, stock = step(fop.backend), step("inductor")
+    assert "omp parallel" in ours and "omp parallel" in stock
+    assert "nowait" in ours and "nowait" not in stock
