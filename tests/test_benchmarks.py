@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from benchmarks import floors, report, run, step_profile
+from benchmarks import codegen_ab, floors, report, run, step_profile
 from benchmarks.peers import PEERS, build_peer
 from fx_optim_pass import models as fop_models
 from fx_optim_pass.measure import peak_step_memory
@@ -139,6 +139,14 @@ def test_step_profile_counts_the_generated_kernels_of_compiled_peers_only(
     for name in ("eager_foreach", "fx_optim"):
         trace = json.loads((tmp_path / f"tiny-mlp_sgd_{name}.json").read_text())
         assert trace["traceEvents"]
+
+
+def test_codegen_ab_times_both_compilations_of_the_no_optimizer_step(capsys: pytest.CaptureFixture[str]) -> None:
+    codegen_ab.main(["--model", "tiny-mlp", "--rounds", "3", "--steps-per-round", "2"])
+    printed = capsys.readouterr().out
+    assert "tiny-mlp: forward+backward, no optimizer, 3 rounds x 2 steps" in printed
+    assert "fx_optim backend: median step" in printed and "stock Inductor: median step" in printed
+    assert "rounds faster)" in printed.splitlines()[-1] and "of 3 rounds" in printed
 
 
 def test_per_round_ratio_range_pairs_each_round_of_fx_optim_with_the_same_round_of_the_fastest_peer() -> None:
