@@ -749,6 +749,8 @@ def last_loop_of_each_region_nowait(source: str) -> str:
     reduction's merge of per-thread results) keeps its barrier, and so does all of a region
     this does not parse.
     """
+    if "/*" in re.sub(r"/\*.*?\*/", "", source):  # a comment over several lines: braces not counted
+        return source
     lines = source.split("\n")
     depths = list(itertools.accumulate(_brace_balance(line) for line in lines))  # depth after each line
     for start, line in enumerate(lines):
@@ -778,7 +780,9 @@ def last_loop_of_each_region_nowait(source: str) -> str:
 
 
 def _brace_balance(line: str) -> int:
-    code = re.sub(r'"(?:\\.|[^"\\])*"', "", line).split("//")[0]  # no string literals or comments
+    """Braces opened minus braces closed on ``line``, outside string and character literals
+    and comments."""
+    code = re.sub(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|/\*.*?\*/', "", line).split("//")[0]
     return code.count("{") - code.count("}")
 
 

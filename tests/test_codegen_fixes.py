@@ -133,6 +133,7 @@ extern "C" void kernel(const float* in_ptr0, float* out_ptr0, float* out_ptr1)
             for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(1L))
             {
                 TORCH_CHECK(x0 < 64L, "index out of bounds: {x0 < 64L");  // not a block: {
+                auto brace = '{'; /* nor these: { { */
                 out_ptr0[x0] = in_ptr0[x0];
             }
         }
@@ -195,6 +196,9 @@ def test_only_the_last_loop_of_a_region_loses_its_barrier():
     # The merge after the loop reads every thread's result: the loop keeps its barrier.
     assert compat.last_loop_of_each_region_nowait(MERGE_LAST) == MERGE_LAST
     assert compat.last_loop_of_each_region_nowait(nowait) == nowait  # never twice
+    # Braces in a comment over several lines are not counted: the kernel is left as it is.
+    commented = TWO_LOOPS.replace("int tid = omp_get_thread_num();", "int tid = omp_get_thread_num(); /* {\n */")
+    assert compat.last_loop_of_each_region_nowait(commented) == commented
     assert "last-omp-for-nowait" in compat.CODEGEN_FIXES
 
 
