@@ -66,6 +66,17 @@ def round_cost_range(config: dict[str, Any]) -> tuple[float, float] | None:
     return min(ratios), max(ratios)
 
 
+def _rounds(results: dict[str, Any]) -> str:
+    """How many interleaved timing rounds each config had (``run.bench_config``)."""
+    counts = ", ".join(f"{c['model']} {c['rounds']}" for c in results["configs"] if "rounds" in c)
+    if "timing_s" not in results or not counts:
+        return f"{results['rounds']} interleaved rounds"
+    return (
+        f"interleaved rounds, at least {results['rounds']} and more until {results['timing_s']:g} s of timing "
+        f"({counts})"
+    )
+
+
 def _range(bounds: tuple[float, float] | None) -> str:
     return "n/a" if bounds is None else f"{bounds[0]:.2f} to {bounds[1]:.2f}"
 
@@ -101,7 +112,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Device: {results['device']} ({results['device_name']}, {results['threads']} threads, "
         f"OMP_WAIT_POLICY {results.get('omp_wait_policy', 'default')}), "
         f"torch {results['torch']}; copy bandwidth {results['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
-        f"{results['rounds']} interleaved rounds x {results['steps_per_round']} steps per peer; "
+        f"{_rounds(results)} x {results['steps_per_round']} steps per peer; "
         f"recompiles over {results.get('recompile_steps', 50)} steps with an LR scheduler.",
         f"Command: `{results['command']}`",
         "",

@@ -117,6 +117,9 @@ QUICK_CONFIGS = {
     ("convnet", "sgd"),
 }
 
+# Timing rounds at most: with ``--timing-s``, a model of millisecond steps stops here.
+MAX_ROUNDS = 50
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -170,8 +173,10 @@ def bench_config(
     steps_per_round: int,
     recompile_steps: int,
     bandwidth: float,
+    timing_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Every figure of one (model, optimizer, config), all peers in this one process."""
+    """Every figure of one (model, optimizer, config), all peers in this one process: ``rounds``
+    timing rounds, and more (up to ``MAX_ROUNDS``) until the timing has taken ``timing_s``."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, inputs = workload.build(device)
@@ -191,11 +196,16 @@ def bench_config(
         results[name] = {"first_steps_s": first, "peak_bytes": max(curve), "memory_curve": _thin(curve)}
 
     times: dict[str, list[float]] = {peer.name: [] for peer in peers}
-    for round_index in tqdm(range(rounds), desc=f"{workload.name}/{optimizer}: time", leave=False):
-        # Interleaved, and the order rotates, so that drift hits every peer alike.
-        shift = round_index % len(peers)
-        for peer in peers[shift:] + peers[:shift]:
-            times[peer.name] += [timed(peer.step, device) for _ in range(steps_per_round)]
+    timing_started = time.perf_counter()
+    round_index = 0
+    with tqdm(desc=f"{workload.name}/{optimizer}: time", unit="round", leave=False) as progress:
+        while round_index < rounds or (round_index < MAX_ROUNDS and time.perf_counter() - timing_started < timing_s):
+            # Interleaved, and the order rotates, so that drift hits every peer alike.
+            shift = round_index % len(peers)
+            for peer in peers[shift:] + peers[:shift]:
+                times[peer.name] += [timed(peer.step, device) for _ in range(steps_per_round)]
+            round_index += 1
+            progress.update()
     for peer in peers:
         median = results[peer.name]["median_step_s"] = statistics.median(times[peer.name])
         results[peer.name]["compile_s"] = compile_seconds(results[peer.name]["first_steps_s"], median)
@@ -215,6 +225,7 @@ def bench_config(
         "model": workload.name,
         "regime": workload.regime,
         "optimizer": optimizer,
+        "rounds": round_index,
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameter_tensors": len(list(model.parameters())),
         "floor": {
@@ -277,7 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--peers", nargs="*", choices=list(PEERS), help="default: all (quick: all but compiled_autograd, the slowest)"
     )
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds, at least")
+    parser.add_argument(
+        "--timing-s",
+        type=float,
+        default=10.0,
+        help=f"more rounds (up to {MAX_ROUNDS}) until a config's timing took this long (default 10)",
+    )
     parser.add_argument("--steps-per-round", type=int, default=5, help="timed steps per peer per round")
     parser.add_argument("--recompile-steps", type=int, help="steps with an LR scheduler (default 50; quick 20)")
     parser.add_argument(
@@ -290,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     # Timing costs little next to compiling (seconds of a quick run's ~3 minutes), and a quick
     # run's small models need every sample: their optimizer cost is the difference of two
-    # noisy steps. So quick times as many steps as a full run.
+    # noisy steps. So quick times as many steps as a full run, and a model of short steps
+    # gets more rounds: the quick GPT's 5 rounds took 2 s, and its cost moved from 0.70 to
+    # 1.84 of its floor between rounds.
     rounds, steps_per_round = args.rounds, args.steps_per_round
     recompile_steps = args.recompile_steps or (20 if args.quick else 50)
     scale = args.scale if args.scale is not None else ([] if args.quick else [50, 200, 1000])
@@ -317,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rounds": rounds,
+        "timing_s": args.timing_s,
         "steps_per_round": steps_per_round,
         "recompile_steps": recompile_steps,
         "peers": {name: PEERS[name][0] for name in args.peers},
@@ -329,7 +349,15 @@ def main(argv: list[str] | None = None) -> None:
         for opt in args.optimizers or OPTIMIZERS:
             if args.optimizers or not args.quick or (workload.name, opt) in QUICK_CONFIGS:
                 config = bench_config(
-                    workload, opt, args.peers, device, rounds, steps_per_round, recompile_steps, bandwidth
+                    workload,
+                    opt,
+                    args.peers,
+                    device,
+                    rounds,
+                    steps_per_round,
+                    recompile_steps,
+                    bandwidth,
+                    args.timing_s,
                 )
                 results["configs"].append(config)
                 _save(results, args.out / f"{suffix}.json")  # a run cut short keeps what it measured

@@ -31,6 +31,8 @@ def test_benchmark_reports_every_peer_with_sane_fields(tmp_path: Path, optimizer
             "fx_optim",
             "--rounds",
             "1",
+            "--timing-s",  # rounds of a few ms: more of them, up to half a second
+            "0.5",
             "--steps-per-round",
             "1",
             "--recompile-steps",
@@ -47,10 +49,13 @@ def test_benchmark_reports_every_peer_with_sane_fields(tmp_path: Path, optimizer
         assert "error" not in peer, (name, peer)
         assert peer["peak_bytes"] > 0 and peer["median_step_s"] > 0
         assert peer["compile_s"] >= peer["first_steps_s"][0] > 0 and len(peer["first_steps_s"]) == 3
-        assert len(peer["round_medians_s"]) == 1  # one round of one step
+        assert len(peer["round_medians_s"]) == config["rounds"]  # one median per round (of one step)
+    assert 1 < config["rounds"] <= run.MAX_ROUNDS
     assert config["peers"]["fx_optim"]["recompiles"] == 0
     assert config["floor"]["memory_bytes"] > config["floor"]["largest_gradient_bytes"] > 0
-    assert (tmp_path / "quick_cpu.md").read_text().count("| tiny-mlp |") == 2
+    table = (tmp_path / "quick_cpu.md").read_text()
+    assert table.count("| tiny-mlp |") == 2
+    assert f"at least 1 and more until 0.5 s of timing (tiny-mlp {config['rounds']})" in table
 
 
 def test_compile_time_counts_a_recompile_in_the_warm_up_steps() -> None:
