@@ -7,7 +7,8 @@
 # lacks expecttest, which torch.testing._internal (tests/test_optim_db.py) imports: carry
 # its wheel in .whl/ (device README, "Notes") and it is installed first.
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [PART ...]   parts: bench profiles race tests.
-# The default, "bench tests", took 3.3 + 4.5 min on an H200 (2026-11-27): one `run` call, whose
+# The default, "bench tests", took 3.3 + 4.5 min on an H200 (2026-11-27; the bench now times up
+# to 5 s more per config, --timing-s 5): one `run` call, whose
 # limit is 10 minutes. "profiles race" (at most 2 x 2 + 2.5 min) in a second call if time is left.
 set -uo pipefail
 out=${1:-gpu_check_out}
@@ -23,7 +24,7 @@ fi
 nvidia-smi -L
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
 if want bench; then
-    timeout "${BENCH_TIMEOUT:-270}" python3 -m benchmarks.run --quick --device cuda --out "$out/results" >"$out/bench.log" 2>&1
+    timeout "${BENCH_TIMEOUT:-270}" python3 -m benchmarks.run --quick --device cuda --timing-s 5 --out "$out/results" >"$out/bench.log" 2>&1
     echo "bench rc=$?"
     tail -25 "$out/bench.log"
 fi
