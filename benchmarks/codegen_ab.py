@@ -1,6 +1,7 @@
 """What the fx_optim backend's code generation changes in a step with no optimizer (issue #4).
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.codegen_ab --model gpt-finetune --rounds 40
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.codegen_ab --model gpt-finetune --full --rounds 10
 
 The benchmark's floor for time, ``no_optimizer``, is the forward+backward compiled by the
 fx_optim backend: Inductor with the fixes of ``_torch_compat.CODEGEN_FIXES`` (no barrier after
@@ -28,12 +29,13 @@ from benchmarks.run import OPTIMIZERS, median_step_s, workloads
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt-finetune", help="a workload of benchmarks.run --quick")
+    parser.add_argument("--full", action="store_true", help="the workloads of a full run (the 29M GPT)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--steps-per-round", type=int, default=10)
     args = parser.parse_args(argv)
 
     device = torch.device("cpu")
-    workload = {w.name: w for w in workloads(quick=True)}[args.model]
+    workload = {w.name: w for w in workloads(quick=not args.full)}[args.model]
     model, inputs = workload.build(device)
     steps = {  # no_optimizer takes no optimizer: any will do
         "fx_optim backend": build_peer("no_optimizer", model, inputs, *OPTIMIZERS["adamw"]).step,
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):
         for name, step in steps.items():
             medians[name].append(median_step_s(step, device, args.steps_per_round))
-    print(f"{args.model}: forward+backward, no optimizer, {args.rounds} rounds x {args.steps_per_round} steps")
+    size = " (full size)" if args.full else ""
+    print(f"{args.model}{size}: forward+backward, no optimizer, {args.rounds} rounds x {args.steps_per_round} steps")
     for name, values in medians.items():
         print(f"    {name}: median step {statistics.median(values) * 1e3:.3f} ms")
     ours, stock = medians.values()

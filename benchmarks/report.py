@@ -68,7 +68,7 @@ def round_cost_range(config: dict[str, Any]) -> tuple[float, float] | None:
 
 def _rounds(results: dict[str, Any]) -> str:
     """How many interleaved timing rounds each config had (``run.bench_config``)."""
-    counts = ", ".join(f"{c['model']} {c['rounds']}" for c in results["configs"] if "rounds" in c)
+    counts = ", ".join(f"{c['model']}/{c['optimizer']} {c['rounds']}" for c in results["configs"] if "rounds" in c)
     if "timing_s" not in results or not counts:
         return f"{results['rounds']} interleaved rounds"
     return (

@@ -55,7 +55,7 @@ def test_benchmark_reports_every_peer_with_sane_fields(tmp_path: Path, optimizer
     assert config["floor"]["memory_bytes"] > config["floor"]["largest_gradient_bytes"] > 0
     table = (tmp_path / "quick_cpu.md").read_text()
     assert table.count("| tiny-mlp |") == 2
-    assert f"at least 1 and more until 0.5 s of timing (tiny-mlp {config['rounds']})" in table
+    assert f"at least 1 and more until 0.5 s of timing (tiny-mlp/{optimizer} {config['rounds']})" in table
 
 
 def test_compile_time_counts_a_recompile_in_the_warm_up_steps() -> None:
