@@ -28,7 +28,9 @@ from benchmarks.run import OPTIMIZERS, median_step_s, workloads
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt-finetune", help="a workload of benchmarks.run --quick")
+    parser.add_argument(
+        "--model", default="gpt-finetune", help="a workload of benchmarks.run --quick (or, with --full, of a full run)"
+    )
     parser.add_argument("--full", action="store_true", help="the workloads of a full run (the 29M GPT)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--steps-per-round", type=int, default=10)
