@@ -13,7 +13,7 @@ import itertools
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, NamedTuple
 
 import sympy
 import torch
@@ -487,7 +487,7 @@ def compile_inductor(
             stack.enter_context(barrier_before_inplace_stores_in_reductions())
             stack.enter_context(float_inputs_in_cache_keys())
             stack.enter_context(inplace_decisions_without_set_copies())
-            stack.enter_context(last_loops_without_barrier())
+            stack.enter_context(cpp_kernels_with_fewer_barriers())
             if kwargs.get("is_backward") and hasattr(config, _FUSION_CHECKS):
                 stack.enter_context(config.patch({_FUSION_CHECKS: _FUSION_CHECKS_AMONG_UPDATES}))
             fake_mode = torch._guards.detect_fake_mode(inputs)
@@ -691,7 +691,12 @@ class _ChainedPass(CustomGraphPass):
 # ---------------------------------------------------------------- Inductor codegen fixes
 
 # Named in the cache key of every graph we compile (see ``_ChainedPass.uuid``).
-CODEGEN_FIXES = ("inplace-store-barrier-in-reductions", "max-pool-backward-lowered", "last-omp-for-nowait")
+CODEGEN_FIXES = (
+    "inplace-store-barrier-in-reductions",
+    "max-pool-backward-lowered",
+    "last-omp-for-nowait",
+    "independent-update-nowait",
+)
 
 
 def needs_barrier_before_store(kernel: Any, name: str) -> bool:
@@ -779,6 +784,176 @@ def last_loop_of_each_region_nowait(source: str) -> str:
     return "\n".join(lines)
 
 
+_KERNEL_PARAMETERS = re.compile(r'extern "C"[^(]*\(([^)]*)\)')  # named ``Placeholder.KERNEL_NAME`` here
+_POINTER_ALIAS = re.compile(r"^\s*auto (\w+) = (\w+);\s*$")
+_THREAD_ID = "int tid = omp_get_thread_num();"
+# What Inductor writes in a C++ kernel's body besides its blocks and parallel regions.
+_KERNEL_BOOKKEEPING = (
+    "std::atomic<int> inductor_cpu_integer_div_error{0};",
+    "inductor_cpu_integer_div_error_flag = ",
+    "inductor_cpu_throw_if_integer_div_error(",
+    "torch::aot_inductor::RAIIAtenRecordFunctionHandle ",
+)
+
+
+class _Loop(NamedTuple):
+    """One worksharing statement of a parallel region: its pragma's line, the buffers it
+    reads or writes, those it may write, and whether it holds a pragma of its own."""
+
+    pragma: int
+    touched: frozenset[str]
+    written: frozenset[str]
+    nested_pragma: bool
+
+
+class _Pointers(NamedTuple):
+    """A kernel's pointer parameters and the aliases it declares of them: the buffer
+    behind each, those not ``const``, and a pattern that finds them in code."""
+
+    buffers: dict[str, str]
+    writable: frozenset[str]
+    pattern: re.Pattern[str]
+
+
+def independent_updates_nowait(
+    source: str, buffers: dict[str, str], updated: Collection[str], inputs: Collection[str]
+) -> str:
+    """``source``, a C++ kernel of Inductor's, with ``nowait`` on each loop of a parallel
+    region that updates graph inputs in place (``updated``: parameters and their optimizer
+    state) when no later loop of that region writes a buffer it touches, or touches a
+    buffer it writes. ``buffers``: the buffer behind each pointer parameter
+    (``kernel_pointer_buffers``); ``inputs``: every graph input.
+
+    The update of a weight whose gradient a matmul made sits in the next kernel, an
+    ``omp for`` among the loops that go on with the backward, each of which ends in a
+    barrier: one barrier per updated weight (under ``OMP_WAIT_POLICY=PASSIVE`` tens of
+    microseconds each on a 2-core machine). Nothing after an update reads the parameter or
+    its state (the pass puts each update after the parameter's last use, views included),
+    so the loops after it need not wait for it, unless they write what it reads (its
+    gradient's buffer reused in place): compared buffer by buffer, every use of a pointer
+    that is not ``const`` counted as a write. Left as it is: a loop that also writes any
+    other graph input (a saved activation reused in place may view another's storage), a
+    kernel that shares anything between its loops but buffers (``tid`` used, a variable
+    declared outside its blocks), a region with any statement besides its loops, and a
+    kernel with a pointer whose buffer is not known.
+    """
+    if "/*" in re.sub(r"/\*.*?\*/", "", source):  # a comment over several lines: braces not counted
+        return source
+    lines = source.split("\n")
+    pointers = _kernel_pointers(source, lines, buffers)
+    if pointers is None or sum(line.count("tid") for line in lines) != source.count(_THREAD_ID):
+        return source
+    depths = list(itertools.accumulate(_brace_balance(line) for line in lines))  # depth after each line
+    body = next((i for i, line in enumerate(lines) if line.strip() == "{"), None)
+    if body is None or (body_end := _closing_line(depths, body)) is None:
+        return source
+    # The body's own statements: its blocks, regions and Inductor's bookkeeping, nothing that
+    # declares what two loops could share.
+    regions = []
+    i = body + 1
+    while i < body_end:
+        statement = lines[i].strip()
+        if statement.startswith("#pragma omp parallel") and lines[i + 1].strip() == "{":
+            regions.append(i)
+            i += 1
+        elif statement == "{":
+            i = (_closing_line(depths, i) or body_end) + 1
+        elif statement and not statement.startswith(_KERNEL_BOOKKEEPING) and not _POINTER_ALIAS.match(statement):
+            return source
+        else:
+            i += 1
+    update_only = set(updated)
+    other_inputs = set(inputs) - update_only
+    for start in regions:
+        end = _closing_line(depths, start + 1)
+        loops = _region_loops(lines, depths, start + 2, end, pointers) if end is not None else []
+        for i, loop in enumerate(loops[:-1]):
+            if "nowait" in lines[loop.pragma] or loop.nested_pragma:
+                continue
+            if not loop.written & update_only or loop.written & other_inputs:
+                continue
+            if all(not (loop.touched & later.written or loop.written & later.touched) for later in loops[i + 1 :]):
+                lines[loop.pragma] += " nowait"
+    return "\n".join(lines)
+
+
+def _kernel_pointers(source: str, lines: Sequence[str], buffers: dict[str, str]) -> _Pointers | None:
+    """The pointers of the one kernel in ``source``; None if there is not one kernel, or
+    the buffer behind one of its pointers is not known."""
+    signatures = _KERNEL_PARAMETERS.findall(source)
+    if len(signatures) != 1:
+        return None
+    known: dict[str, str] = {}
+    writable = set()
+    for parameter in signatures[0].split(","):
+        if "*" not in parameter:
+            continue  # a size or a float, passed by value
+        name = parameter.split("*")[-1].strip()
+        if name not in buffers:
+            return None
+        known[name] = buffers[name]
+        if not parameter.strip().startswith("const"):
+            writable.add(name)
+    for line in lines:
+        if (alias := _POINTER_ALIAS.match(line)) and alias[2] in known:
+            known[alias[1]] = known[alias[2]]
+            if alias[2] in writable:
+                writable.add(alias[1])
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, known)) + r")\b") if known else re.compile(r"(?!)")
+    return _Pointers(known, frozenset(writable), pattern)
+
+
+def _region_loops(
+    lines: Sequence[str], depths: Sequence[int], first: int, end: int, pointers: _Pointers
+) -> list[_Loop]:
+    """The loops of the parallel region whose body runs from line ``first`` to the line
+    before ``end``, in order; none if it holds anything else (``independent_updates_nowait``)."""
+    loops: list[_Loop] = []
+    i = first
+    while i < end:
+        statement = lines[i].strip()
+        if statement in ("", _THREAD_ID):
+            i += 1
+            continue
+        if statement == "{" and lines[i + 1].strip().startswith("#pragma omp for"):
+            pragma, close = i + 1, _closing_line(depths, i)  # `{` `#pragma omp for` `for(...)` ... `}`
+        elif statement.startswith("#pragma omp single") and lines[i + 1].strip() == "{":
+            pragma, close = i, _closing_line(depths, i + 1)  # `#pragma omp single` `{` ... `}`
+        else:
+            return []
+        if close is None or close >= end:
+            return []
+        used = {name for line in lines[pragma + 1 : close + 1] for name in pointers.pattern.findall(line)}
+        loops.append(
+            _Loop(
+                pragma,
+                frozenset(pointers.buffers[name] for name in used),
+                frozenset(pointers.buffers[name] for name in used & pointers.writable),
+                any(line.strip().startswith("#pragma omp") for line in lines[pragma + 1 : close + 1]),
+            )
+        )
+        i = close + 1
+    return loops
+
+
+def kernel_pointer_buffers(args: Any) -> dict[str, str]:
+    """The buffer behind each pointer argument of a C++ kernel (Inductor's ``KernelArgs``),
+    by its name in the graph; the names an in-place buffer has all give its last one."""
+    same: dict[str, str] = {}
+    for inplaced in args.inplace_buffers.values():
+        for name in getattr(inplaced, "other_names", ()):
+            same[name] = inplaced.other_names[-1]
+    pointers = {
+        inplaced.inner_name: inplaced.other_names[-1]
+        for inplaced in args.inplace_buffers.values()
+        if hasattr(inplaced, "inner_name")
+    }
+    for outer, inner in [*args.input_buffers.items(), *args.output_buffers.items()]:
+        if isinstance(inner, str):  # not a removed argument
+            pointers[inner] = same.get(outer, outer)
+    return pointers
+
+
 def _brace_balance(line: str) -> int:
     """Braces opened minus braces closed on ``line``, outside string and character literals
     and comments."""
@@ -801,17 +976,29 @@ def _opening_line(depths: Sequence[int], closing: int) -> int | None:
 
 
 @contextlib.contextmanager
-def last_loops_without_barrier() -> Iterator[None]:
+def cpp_kernels_with_fewer_barriers() -> Iterator[None]:
     """Within: Inductor's C++ kernels take no barrier after the last loop of a parallel
-    region (``last_loop_of_each_region_nowait``). Restored on exit."""
+    region (``last_loop_of_each_region_nowait``), nor after an update that the loops after
+    it do not depend on (``independent_updates_nowait``). Restored on exit."""
     try:
         from torch._inductor.codegen.cpp import CppScheduling
+        from torch._inductor.virtualized import V
     except ImportError:  # pragma: no cover - an Inductor without its C++ backend
         yield
         return
 
     def with_nowait(original: Callable[..., Any]) -> Callable[..., Any]:
         def define_kernel(self: Any, src_code: str, *args: Any, **kwargs: Any) -> Any:
+            kernel_args = args[1] if len(args) > 1 else kwargs.get("kernel_args")
+            if kernel_args is None and getattr(self, "kernel_group", None) is not None:
+                kernel_args = self.kernel_group.args  # ``flush`` passes none: the group it flushes
+            if kernel_args is not None:
+                src_code = independent_updates_nowait(
+                    src_code,
+                    kernel_pointer_buffers(kernel_args),
+                    V.graph.mutated_inputs,
+                    V.graph.graph_inputs.keys(),
+                )
             return original(self, last_loop_of_each_region_nowait(src_code), *args, **kwargs)
 
         return define_kernel

@@ -214,3 +214,130 @@ def test_kernels_we_compile_skip_the_barrier_stock_inductor_keeps():
         ours, stock = step(fop.backend), step("inductor")
     assert "omp parallel" in ours and "omp parallel" in stock
     assert "nowait" in ours and "nowait" not in stock
+
+
+# A weight's update (a graph input written in place: primals_1, with its state primals_2)
+# between two loops of the backward; the pointers' buffers as ``kernel_pointer_buffers``
+# gives them.
+UPDATE_AMONG_LOOPS = """
+extern "C" void kernel(float* in_out_ptr0, const float* in_ptr0, const float* in_ptr1,
+                       float* out_ptr0, float* out_ptr1, float* out_ptr2)
+{
+    auto in_ptr2 = in_out_ptr0;
+    #pragma omp parallel
+    {
+        int tid = omp_get_thread_num();
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(1L))
+            {
+                out_ptr2[x0] = in_ptr1[x0] * 2;
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(1L))
+            {
+                auto tmp0 = in_ptr0[x0];
+                out_ptr1[x0] = out_ptr1[x0] * 0.9 + tmp0;
+                out_ptr0[x0] = out_ptr0[x0] - 0.1 * out_ptr1[x0];
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(1L))
+            {
+                in_out_ptr0[x0] = in_ptr2[x0] + out_ptr2[x0];
+            }
+        }
+    }
+}
+"""
+UPDATE_BUFFERS = {
+    "in_out_ptr0": "buf7",
+    "in_ptr0": "buf3",  # the weight's gradient
+    "in_ptr1": "mm_2",  # a saved activation
+    "out_ptr0": "primals_1",
+    "out_ptr1": "primals_2",
+    "out_ptr2": "buf5",
+}
+UPDATED = {"primals_1", "primals_2"}
+INPUTS = {"primals_1", "primals_2", "mm_2"}
+
+
+def _nowait_lines(source: str) -> list[int]:
+    return [i for i, line in enumerate(source.split("\n")) if "nowait" in line]
+
+
+def test_an_update_no_later_loop_depends_on_loses_its_barrier():
+    out = compat.independent_updates_nowait(UPDATE_AMONG_LOOPS, UPDATE_BUFFERS, UPDATED, INPUTS)
+    lines = out.split("\n")
+    (changed,) = _nowait_lines(out)
+    assert lines[changed].strip() == "#pragma omp for nowait" and "auto tmp0" in lines[changed + 3]
+    # The first loop writes no graph input and the last is left to last_loop_of_each_region_nowait.
+    assert out.replace(" nowait", "") == UPDATE_AMONG_LOOPS
+    assert compat.independent_updates_nowait(out, UPDATE_BUFFERS, UPDATED, INPUTS) == out  # never twice
+
+
+def test_an_update_keeps_its_barrier_where_a_later_loop_depends_on_it():
+    def unchanged(source: str = UPDATE_AMONG_LOOPS, buffers: dict[str, str] = UPDATE_BUFFERS, **kwargs) -> bool:
+        args = {"updated": UPDATED, "inputs": INPUTS, **kwargs}
+        return compat.independent_updates_nowait(source, buffers, args["updated"], args["inputs"]) == source
+
+    # The later loop writes, in place, the gradient the update reads (its buffer reused).
+    assert unchanged(buffers={**UPDATE_BUFFERS, "in_out_ptr0": "buf3"})
+    # ... or reads what the update wrote, through a pointer of its own or an alias.
+    assert unchanged(buffers={**UPDATE_BUFFERS, "out_ptr2": "primals_2"})
+    assert unchanged(buffers={**UPDATE_BUFFERS, "in_out_ptr0": "primals_1"})
+    # The loop also writes another graph input (a saved activation reused in place may
+    # view another input's storage), or no graph input at all (not an update).
+    assert unchanged(inputs=INPUTS | {"buf5"}, updated={"primals_1"})
+    assert unchanged(updated=set())
+    # A pointer whose buffer is not known; per-thread values (``tid``) shared by loops;
+    # a statement of the region that is not a loop.
+    assert unchanged(buffers={k: v for k, v in UPDATE_BUFFERS.items() if k != "in_ptr1"})
+    assert unchanged(UPDATE_AMONG_LOOPS.replace("out_ptr2[x0] = in_ptr1[x0] * 2;", "out_ptr2[tid] = in_ptr1[x0];"))
+    tid = "        int tid = omp_get_thread_num();\n"
+    assert unchanged(UPDATE_AMONG_LOOPS.replace(tid, tid + "        out_ptr2[0] = 0;\n"))
+
+
+def test_kernel_pointer_buffers_names_each_pointers_buffer():
+    inplaced = SimpleNamespace(inner_name="in_out_ptr0", other_names=["buf1", "buf4"])
+    args = SimpleNamespace(
+        inplace_buffers={"buf1": inplaced, "buf4": inplaced},
+        input_buffers={"buf1": "in_ptr3", "primals_1": "in_ptr0"},
+        output_buffers={"primals_1": "out_ptr0", "buf9": object()},  # a removed argument
+    )
+    assert compat.kernel_pointer_buffers(args) == {
+        "in_out_ptr0": "buf4",
+        "in_ptr3": "buf4",  # read before Inductor reused it in place
+        "in_ptr0": "primals_1",
+        "out_ptr0": "primals_1",
+    }
+
+
+def test_weight_updates_in_the_backward_skip_their_barrier_and_match_eager():
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*(m for _ in range(3) for m in (torch.nn.Linear(64, 64), torch.nn.ReLU())))
+
+    ours, eager = model(), model()
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, ours.parameters(), {"lr": 0.01})
+    reference = torch.optim.AdamW(eager.parameters(), lr=0.01)
+    compiled = torch.compile(ours, backend=fop.backend, fullgraph=True)
+    torch.manual_seed(1)
+    batches = [torch.randn(32, 64) for _ in range(4)]
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        _, backward = compat.run_and_get_code(lambda: compiled(batches[0]).sum().backward())
+    regions = backward.count("#pragma omp parallel")
+    # Every region's last loop, and besides those the weight updates between other loops.
+    assert backward.count("nowait") > regions
+    for i, x in enumerate(batches):
+        if i:
+            compiled(x).sum().backward()
+        eager(x).sum().backward()
+        reference.step()
+        reference.zero_grad()
+    for p, q in zip(ours.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q)
