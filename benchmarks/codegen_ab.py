@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.codegen_ab --model gpt-finetune --rounds 40
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.codegen_ab --model gpt-finetune --full --rounds 10
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.codegen_ab --model gpt-finetune --update-barriers --rounds 30
 
 The benchmark's floor for time, ``no_optimizer``, is the forward+backward compiled by the
 fx_optim backend: Inductor with the fixes of ``_torch_compat.CODEGEN_FIXES`` (no barrier after
@@ -11,6 +12,10 @@ Inductor, and times their steps in interleaved rounds: per round the median step
 over the rounds the median of the per-round differences, which cancels drift that hits both.
 What it prints is what a floor compiled by stock Inductor would wrongly count as the
 optimizer's cost (or saving).
+
+``--update-barriers``: fx_optim's step itself (AdamW; SGD on the convnet, as in ``--quick``),
+compiled with our fixes and again without ``_torch_compat.independent_updates_nowait`` (each
+update keeps the barrier after its loop): what that fix saves per step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from benchmarks.peers import build_peer, inductor
 from benchmarks.run import OPTIMIZERS, median_step_s, workloads
+from fx_optim_pass import _torch_compat
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,33 +40,60 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="the workloads of a full run (the 29M GPT)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--steps-per-round", type=int, default=10)
+    parser.add_argument(
+        "--update-barriers", action="store_true", help="fx_optim's step with and without independent_updates_nowait"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cpu")
     workload = {w.name: w for w in workloads(quick=not args.full)}[args.model]
     model, inputs = workload.build(device)
-    steps = {  # no_optimizer takes no optimizer: any will do
-        "fx_optim backend": build_peer("no_optimizer", model, inputs, *OPTIMIZERS["adamw"]).step,
-        "stock Inductor": _stock_step(model, inputs),
-    }
-    for step in steps.values():
-        for _ in range(3):  # compile, warm up
-            step()
+    if args.update_barriers:
+        optimizer = "sgd" if args.model == "convnet" else "adamw"
+        with torch._inductor.config.patch(force_disable_caches=True):  # both share one cache key
+            steps = {
+                "with the fix": _compiled(build_peer("fx_optim", model, inputs, *OPTIMIZERS[optimizer]).step),
+                "without": _without_update_nowait(build_peer("fx_optim", model, inputs, *OPTIMIZERS[optimizer]).step),
+            }
+        what = f"fx_optim's step ({optimizer})"
+    else:
+        steps = {  # no_optimizer takes no optimizer: any will do
+            "fx_optim backend": _compiled(build_peer("no_optimizer", model, inputs, *OPTIMIZERS["adamw"]).step),
+            "stock Inductor": _compiled(_stock_step(model, inputs)),
+        }
+        what = "forward+backward, no optimizer"
     medians: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             medians[name].append(median_step_s(step, device, args.steps_per_round))
     size = " (full size)" if args.full else ""
-    print(f"{args.model}{size}: forward+backward, no optimizer, {args.rounds} rounds x {args.steps_per_round} steps")
+    print(f"{args.model}{size}: {what}, {args.rounds} rounds x {args.steps_per_round} steps")
     for name, values in medians.items():
         print(f"    {name}: median step {statistics.median(values) * 1e3:.3f} ms")
-    ours, stock = medians.values()
-    differences = [(a - b) * 1e3 for a, b in zip(ours, stock)]
+    (first, ours), (second, other) = medians.items()
+    differences = [(a - b) * 1e3 for a, b in zip(ours, other)]
     below = sum(d < 0 for d in differences)
     print(
-        f"    fx_optim backend - stock, per round: median {statistics.median(differences):+.3f} ms "
+        f"    {first} - {second}, per round: median {statistics.median(differences):+.3f} ms "
         f"({below} of {len(differences)} rounds faster)"
     )
+
+
+def _compiled(step: Callable[[], None]) -> Callable[[], None]:
+    """``step``, once it has compiled and warmed up."""
+    for _ in range(3):
+        step()
+    return step
+
+
+def _without_update_nowait(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` compiled (``_compiled``) with every update keeping the barrier after its loop."""
+    fix = _torch_compat.independent_updates_nowait
+    _torch_compat.independent_updates_nowait = lambda source, *_: source
+    try:
+        return _compiled(step)
+    finally:
+        _torch_compat.independent_updates_nowait = fix
 
 
 def _stock_step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:

@@ -12,6 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from benchmarks import codegen_ab, floors, report, run, step_profile
 from benchmarks.peers import PEERS, build_peer
+from fx_optim_pass import _torch_compat
 from fx_optim_pass import models as fop_models
 from fx_optim_pass.measure import peak_step_memory
 
@@ -152,6 +153,16 @@ def test_codegen_ab_times_both_compilations_of_the_no_optimizer_step(capsys: pyt
     assert "tiny-mlp: forward+backward, no optimizer, 3 rounds x 2 steps" in printed
     assert "fx_optim backend: median step" in printed and "stock Inductor: median step" in printed
     assert "rounds faster)" in printed.splitlines()[-1] and "of 3 rounds" in printed
+
+
+def test_codegen_ab_times_fx_optim_with_and_without_the_update_barrier_fix(capsys: pytest.CaptureFixture[str]) -> None:
+    fix = _torch_compat.independent_updates_nowait
+    codegen_ab.main(["--model", "tiny-mlp", "--update-barriers", "--rounds", "3", "--steps-per-round", "2"])
+    printed = capsys.readouterr().out
+    assert "tiny-mlp: fx_optim's step (adamw), 3 rounds x 2 steps" in printed
+    assert "with the fix: median step" in printed and "without: median step" in printed
+    assert "with the fix - without, per round: median" in printed and "of 3 rounds faster)" in printed
+    assert _torch_compat.independent_updates_nowait is fix  # put back once the second step compiled
 
 
 def test_per_round_ratio_range_pairs_each_round_of_fx_optim_with_the_same_round_of_the_fastest_peer() -> None:
