@@ -916,7 +916,14 @@ def _region_loops(
             i += 1
             continue
         if statement == "{" and lines[i + 1].strip().startswith("#pragma omp for"):
-            pragma, close = i + 1, _closing_line(depths, i)  # `{` `#pragma omp for` `for(...)` ... `}`
+            pragma, close = i + 1, _closing_line(depths, i)  # `{` `#pragma omp for` `for(...)` `{ body }` `}`
+            if not (  # nothing after the loop in its block: every thread would run it as soon as it is done
+                lines[i + 2].strip().startswith("for(")
+                and lines[i + 3].strip() == "{"
+                and close is not None
+                and _closing_line(depths, i + 3) == close - 1
+            ):
+                return []
         elif statement.startswith("#pragma omp single") and lines[i + 1].strip() == "{":
             pragma, close = i, _closing_line(depths, i + 1)  # `#pragma omp single` `{` ... `}`
         else:

@@ -297,8 +297,13 @@ def test_an_update_keeps_its_barrier_where_a_later_loop_depends_on_it():
     # a statement of the region that is not a loop.
     assert unchanged(buffers={k: v for k, v in UPDATE_BUFFERS.items() if k != "in_ptr1"})
     assert unchanged(UPDATE_AMONG_LOOPS.replace("out_ptr2[x0] = in_ptr1[x0] * 2;", "out_ptr2[tid] = in_ptr1[x0];"))
+    # A statement after the update's loop in its block: each thread runs it when its share is done.
+    done = "out_ptr0[x0] = out_ptr0[x0] - 0.1 * out_ptr1[x0];\n            }\n"
+    trailing = UPDATE_AMONG_LOOPS.replace(done, done + "            out_ptr1[0] = out_ptr0[0];\n")
     tid = "        int tid = omp_get_thread_num();\n"
-    assert unchanged(UPDATE_AMONG_LOOPS.replace(tid, tid + "        out_ptr2[0] = 0;\n"))
+    region_statement = UPDATE_AMONG_LOOPS.replace(tid, tid + "        out_ptr2[0] = 0;\n")
+    assert trailing != UPDATE_AMONG_LOOPS != region_statement
+    assert unchanged(trailing) and unchanged(region_statement)
 
 
 def test_kernel_pointer_buffers_names_each_pointers_buffer():
