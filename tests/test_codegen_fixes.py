@@ -24,6 +24,7 @@ from torch.utils._ordered_set import OrderedSet
 
 import fx_optim_pass as fop
 from fx_optim_pass import _torch_compat as compat
+from tests.helpers import train_side_by_side
 
 
 def kernel(inside_reduction: bool, inplace: tuple[str, ...]) -> SimpleNamespace:
@@ -322,27 +323,13 @@ def test_kernel_pointer_buffers_names_each_pointers_buffer():
 
 
 def test_weight_updates_in_the_backward_skip_their_barrier_and_match_eager():
-    def model() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return torch.nn.Sequential(*(m for _ in range(3) for m in (torch.nn.Linear(64, 64), torch.nn.ReLU())))
-
-    ours, eager = model(), model()
-    fop.apply_optimizer_in_backward(torch.optim.AdamW, ours.parameters(), {"lr": 0.01})
-    reference = torch.optim.AdamW(eager.parameters(), lr=0.01)
-    compiled = torch.compile(ours, backend=fop.backend, fullgraph=True)
-    torch.manual_seed(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(m for _ in range(3) for m in (torch.nn.Linear(64, 64), torch.nn.ReLU())))
     batches = [torch.randn(32, 64) for _ in range(4)]
     torch._dynamo.reset()
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
-        _, backward = compat.run_and_get_code(lambda: compiled(batches[0]).sum().backward())
-    regions = backward.count("#pragma omp parallel")
+        _, backward = compat.run_and_get_code(
+            lambda: train_side_by_side(model, torch.optim.AdamW, {"lr": 0.01}, "inductor", batches)
+        )
     # Every region's last loop, and besides those the weight updates between other loops.
-    assert backward.count("nowait") > regions
-    for i, x in enumerate(batches):
-        if i:
-            compiled(x).sum().backward()
-        eager(x).sum().backward()
-        reference.step()
-        reference.zero_grad()
-    for p, q in zip(ours.parameters(), eager.parameters()):
-        torch.testing.assert_close(p, q)
+    assert backward.count("nowait") > backward.count("#pragma omp parallel")
