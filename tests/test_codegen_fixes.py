@@ -281,9 +281,13 @@ def test_an_update_no_later_loop_depends_on_loses_its_barrier():
 
 
 def test_an_update_keeps_its_barrier_where_a_later_loop_depends_on_it():
-    def unchanged(source: str = UPDATE_AMONG_LOOPS, buffers: dict[str, str] = UPDATE_BUFFERS, **kwargs) -> bool:
-        args = {"updated": UPDATED, "inputs": INPUTS, **kwargs}
-        return compat.independent_updates_nowait(source, buffers, args["updated"], args["inputs"]) == source
+    def unchanged(
+        source: str = UPDATE_AMONG_LOOPS,
+        buffers: dict[str, str] = UPDATE_BUFFERS,
+        updated: set[str] = UPDATED,
+        inputs: set[str] = INPUTS,
+    ) -> bool:
+        return compat.independent_updates_nowait(source, buffers, updated, inputs) == source
 
     # The later loop writes, in place, the gradient the update reads (its buffer reused).
     assert unchanged(buffers={**UPDATE_BUFFERS, "in_out_ptr0": "buf3"})
