@@ -192,11 +192,16 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         channels_in = 2
         for depth in range(spec.depth):
-            # No conv bias before BatchNorm: its gradient is zero up to rounding, which
-            # Adam-like normalization would turn into full-size steps in either mode.
+            # A parameter whose gradient is zero up to rounding would be stepped on rounding
+            # noise, which Adam-like normalization turns into visible steps in either mode. So
+            # no conv bias before BatchNorm (BatchNorm removes any shift), and BatchNorm in the
+            # first block only: a later one removes the shift a BatchNorm bias before it makes
+            # wherever the ReLU between them passes everything (a fuzz example had such a
+            # channel: its bias gradient was 1e-16, eager and Inductor's rounding far apart).
+            batch_norm = depth == 0
             layers += [
-                nn.Conv2d(channels_in, spec.width, kernel_size=3 - depth, padding=1 - depth, bias=False),
-                nn.BatchNorm2d(spec.width),
+                nn.Conv2d(channels_in, spec.width, kernel_size=3 - depth, padding=1 - depth, bias=not batch_norm),
+                *([nn.BatchNorm2d(spec.width)] if batch_norm else []),
                 nn.ReLU(),
             ]
             if depth == 0:  # 4x4 to 2x2, so that the second conv (2x2, unpadded) still fits
