@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,18 @@ def test_codegen_ab_times_fx_optim_with_and_without_the_update_barrier_fix(capsy
     assert "with the fix: median step" in printed and "without: median step" in printed
     assert "with the fix - without, per round: median" in printed and "of 3 rounds faster)" in printed
     assert _torch_compat.independent_updates_nowait is fix  # put back once the second step compiled
+
+
+def test_codegen_ab_times_and_measures_fx_optim_with_and_without_the_peak_estimate_fix(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fix = _torch_compat.peak_estimate_without_removed_buffers
+    codegen_ab.main(["--model", "tiny-mlp", "--peak-estimate", "--rounds", "3", "--steps-per-round", "2"])
+    printed = capsys.readouterr().out
+    assert "tiny-mlp: fx_optim's step (adamw), 3 rounds x 2 steps" in printed
+    assert re.search(r"with the fix: median step [0-9.]+ ms, peak [0-9.]+ MiB", printed)
+    assert re.search(r"without: median step [0-9.]+ ms, peak [0-9.]+ MiB", printed)
+    assert _torch_compat.peak_estimate_without_removed_buffers is fix
 
 
 def test_per_round_ratio_range_pairs_each_round_of_fx_optim_with_the_same_round_of_the_fastest_peer() -> None:

@@ -18,12 +18,15 @@ from torch._functorch import config as functorch_config
 from torch._functorch import partitioners
 from torch._inductor import config as inductor_config
 from torch._inductor.codegen.triton import TritonKernel
+from torch._inductor.codegen.wrapper import EfficientPeakEstimate
 from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.scheduler import BaseSchedulerNode
 from torch.utils._ordered_set import OrderedSet
 
 import fx_optim_pass as fop
 from fx_optim_pass import _torch_compat as compat
+from fx_optim_pass.measure import peak_step_memory
+from fx_optim_pass.models import GPT, GPTConfig
 from tests.helpers import train_side_by_side
 
 
@@ -337,3 +340,32 @@ def test_weight_updates_in_the_backward_skip_their_barrier_and_match_eager():
         )
     # Every region's last loop, and besides those the weight updates between other loops.
     assert backward.count("nowait") > backward.count("#pragma omp parallel")
+
+
+def test_inductors_peak_estimate_for_our_backward_counts_only_buffers_it_allocates(device, monkeypatch):
+    # Inductor reuses a freed buffer for a later one only where its peak estimate allows.
+    # That estimate counted the buffers each update's kernel stores straight into the inputs
+    # (new parameter and state, never allocated): on the benchmark's 29M GPT it was 80 MiB
+    # against a real 36.6, and reuses held gradient buffers across the real peak (+2.8 MiB).
+    estimates = []
+    original = EfficientPeakEstimate.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        estimates.append(self.overall_peak_memory)
+
+    monkeypatch.setattr(EfficientPeakEstimate, "__init__", record)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1024, seq_len=64, width=128, depth=2, heads=4)).to(device)
+    fop.apply_optimizer_in_backward(torch.optim.AdamW, model.parameters(), {"lr": 1e-3})
+    tokens = torch.randint(1024, (1, 64), device=device)
+    compiled = torch.compile(model, backend=fop.backend, fullgraph=True)
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        compiled(tokens, tokens).backward()
+    assert EfficientPeakEstimate.__dict__["__init__"] is record  # ours only while compiling
+    backward_estimate = estimates[-1]
+    # Both count the saved activations, the gradients and the backward's buffers; without
+    # the fix the estimate was 2.54 MiB here against 1.91 measured.
+    measured = peak_step_memory(lambda: compiled(tokens, tokens).backward(), device)
+    assert abs(backward_estimate - measured) <= 0.02 * measured, (backward_estimate, measured)
