@@ -1031,7 +1031,8 @@ def peak_estimate_without_removed_buffers() -> Iterator[None]:
     backward the estimated peak was 80 MiB, at the embedding's update, against about 36 MiB
     that ever coexist, early in the backward where the activations are; so every reuse
     passed, and each weight-gradient buffer, freed after its update, stayed allocated until
-    the same-shaped gradient of the next layer: 5 MiB over the real peak. Restored on exit.
+    the same-shaped gradient of the next layer, across the real peak: 39.4 MiB where 36.6
+    serve. Restored on exit.
     """
     try:
         from torch._inductor.codegen.wrapper import EfficientPeakEstimate
