@@ -774,14 +774,7 @@ def last_loop_of_each_region_nowait(source: str) -> str:
         if lines[last - 1].strip() == "#pragma omp single":  # `#pragma omp single` `{ ... }`
             lines[last - 1] += " nowait"
             continue
-        # `{` `#pragma omp for` `for(...)` `{ loop body }` `}`
-        if last + 3 < end and (
-            lines[last + 1].strip().startswith("#pragma omp for")
-            and "nowait" not in lines[last + 1]
-            and lines[last + 2].strip().startswith("for(")
-            and lines[last + 3].strip() == "{"
-            and _closing_line(depths, last + 3) == end - 2
-        ):
+        if _lone_omp_for_block(lines, depths, last) and "nowait" not in lines[last + 1]:
             lines[last + 1] += " nowait"
     return "\n".join(lines)
 
@@ -918,14 +911,10 @@ def _region_loops(
             i += 1
             continue
         if statement == "{" and lines[i + 1].strip().startswith("#pragma omp for"):
-            pragma, close = i + 1, _closing_line(depths, i)  # `{` `#pragma omp for` `for(...)` `{ body }` `}`
-            if not (  # nothing after the loop in its block: every thread would run it as soon as it is done
-                lines[i + 2].strip().startswith("for(")
-                and lines[i + 3].strip() == "{"
-                and close is not None
-                and _closing_line(depths, i + 3) == close - 1
-            ):
+            # Nothing after the loop in its block: every thread would run it as soon as it is done.
+            if not _lone_omp_for_block(lines, depths, i):
                 return []
+            pragma, close = i + 1, _closing_line(depths, i)
         elif statement.startswith("#pragma omp single") and lines[i + 1].strip() == "{":
             pragma, close = i, _closing_line(depths, i + 1)  # `#pragma omp single` `{` ... `}`
         else:
@@ -961,6 +950,20 @@ def kernel_pointer_buffers(args: Any) -> dict[str, str]:
         if isinstance(inner, str):  # not a removed argument
             pointers[inner] = same.get(outer, outer)
     return pointers
+
+
+def _lone_omp_for_block(lines: Sequence[str], depths: Sequence[int], opening: int) -> bool:
+    """Whether the block opened on line ``opening`` is one ``omp for`` loop and nothing else:
+    `{` `#pragma omp for` `for(...)` `{ loop body }` `}`."""
+    close = _closing_line(depths, opening)
+    return (
+        opening + 3 < len(lines)
+        and lines[opening + 1].strip().startswith("#pragma omp for")
+        and lines[opening + 2].strip().startswith("for(")
+        and lines[opening + 3].strip() == "{"
+        and close is not None
+        and _closing_line(depths, opening + 3) == close - 1
+    )
 
 
 def _brace_balance(line: str) -> int:
